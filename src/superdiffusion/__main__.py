@@ -1,0 +1,3 @@
+from superdiffusion.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The checkpoint format, shared by training, prediction and export (and nothing else imported here).
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that it loads with
+`torch.load(weights_only=True)`: nothing in it is unpickled as an arbitrary object. Writes go to a
+temporary file in the same folder, are flushed to disk, then renamed over the target, so a crash or a
+full disk never leaves a half-written checkpoint under the real name; the previous good file is kept
+as `<name>.prev.pt` and used, with a warning, when the newest one is unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+FORMAT = "superdiffusion-checkpoint-v1"
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous: bool = True) -> Path:
+    """Atomically write `payload` (plus the format tag) to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def load_checkpoint(path: str | Path, *, fallback: bool = True) -> dict[str, Any]:
+    """Load a checkpoint with weights-only unpickling; fall back to the previous good file if corrupt."""
+    path = Path(path)
+    try:
+        return _load(path)
+    except InputError as err:
+        prev = previous_path(path)
+        if not (fallback and prev.exists()):
+            raise
+        warnings.warn(f"{err}; using the previous checkpoint {prev}", stacklevel=2)
+        return _load(prev)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: not a readable superdiffusion checkpoint ({reason})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{path}: not a superdiffusion checkpoint (format tag missing)")
+    return payload
+
+
+def config_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """The resolved run configuration stored (as JSON text) in a checkpoint."""
+    return json.loads(payload["config"])
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state, as weights-only-loadable data."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": json.dumps(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,150 @@
+"""Run configuration: plain nested data (YAML in, JSON-able dict out), with documented defaults.
+
+Configs never name Python objects: every choice is a string picked from a fixed registry, so loading
+a config cannot run code. Unknown keys are an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,  # seeds the split shuffle, the initial weights and every training sample
+    "method": "supervised",  # supervised | fully-supervised | pretrain | cotrain | superdiffusion
+    "data": {
+        "format": "synthetic",  # la | volumes | folders | glas | ph2 | synthetic
+        "root": None,  # dataset folder; relative paths are resolved against the current directory
+        "list": None,  # optional list file of case ids (relative to root if not found as given)
+        "subset": None,  # glas only: train | testA | testB | test
+        "dims": 2,  # network dimensionality; 2 with a 3D source means slices (split by case)
+        "slice_axis": 2,  # spatial axis of 3D volumes that 2D slices are cut along (LA: 2 = axial z)
+        "num_classes": 2,  # K, background included; labels must lie in 0..K-1
+        "scale": None,  # per spatial axis resampling factor, e.g. [0.5, 0.5, 1.0]; null = none
+        "intensity": "percentile",  # percentile: clip to [0.5, 99.5] % and map to [-1, 1]; zscore
+        "synthetic": {"cases": 24, "shape": [64, 64], "seed": 0},  # the built-in demo data
+    },
+    "split": {
+        "labelled": 0.1,  # fraction (< 1) of the training cases, or a count (>= 1) of labelled cases
+        "val": 0.2,  # fraction or count of cases carved out for validation (0 = none)
+        "seed": 0,  # split seed: ids are sorted, then shuffled with it
+    },
+    "model": {
+        "channels": [16, 32, 64, 128],  # U-Net widths per level (depth = len)
+        "norm": "batch",  # batch | instance | group
+        "time_embedding": "stem",  # diffusion nets: stem (added once, the reference) | blocks
+    },
+    "train": {
+        "steps": 1000,  # optimiser steps (the budget is in iterations, not epochs)
+        "batch_size": 8,  # labelled samples per step
+        "unlabelled_batch_size": 8,  # unlabelled samples per step (semi-supervised methods)
+        "patch": [64, 64],  # training crop size (pads when the image is smaller)
+        "fg_oversample": 0.33,  # probability that a labelled crop is centred on foreground
+        "augment": True,  # random flips and 90-degree rotations in-plane
+        "optimizer": "adam",  # adam | adamw | sgd
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "lr_schedule": "poly",  # poly | cosine | constant (after warm-up)
+        "warmup": 0,  # linear warm-up steps
+        "val_every": 100,  # validation period in steps (0 = only at the end)
+        "ckpt_every": 100,  # checkpoint period in steps
+        "threads": None,  # torch threads per process (null = leave torch's default)
+    },
+    "eval": {
+        "checkpoint": "best",  # best (best validation Dice) | last
+        "overlap": 0.5,  # sliding-window overlap
+        "sw_batch_size": 4,
+        "predictor": "auto",  # auto (the better one on validation) | student | teacher
+    },
+    "diffusion": {
+        "timesteps": 1000,
+        "schedule": "sigmoid",  # linear | cosine | sigmoid (the reference's)
+        "inference": "fixed",  # fixed (one pass at t_infer, fixed noise seed) | ddim | ensemble
+        "t_infer": 999,  # timestep of the single-pass inference
+        "ddim_steps": 5,
+        "ensemble": 5,  # samples in an ensemble prediction
+        "noise_seed": 0,  # seed of the inference noise: repeated calls give identical masks
+    },
+    "superdiffusion": {
+        "pretrain_steps": 500,  # stage 1 (cycle loss) steps when method = superdiffusion
+        "pretrain_lr": 1e-3,
+        "student": "unet",  # unet (a plain U-Net) | twin (the teacher's mask pathway, as the reference)
+        "rounds": 3,  # R, pseudo-label rounds
+        "round_mode": "independent",  # independent (reference) | chained (abstract)
+        "round_weight": 1.0,  # lambda; each round's terms weigh lambda / R
+        "unlabelled_weight": 1.0,  # final weight of the CPS term, ramped linearly from 0
+        "pretrained": True,  # start co-training from the stage-1 teacher (False = random teacher)
+        "init": None,  # path of a stage-1 checkpoint to start co-training from (method = cotrain)
+    },
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Defaults <- YAML file <- `key.sub=value` overrides, validated against the defaults' keys."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        merge(cfg, read_yaml(resolve_config_path(path)), where=str(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected key=value, e.g. train.steps=200")
+        tree: dict[str, Any] = {}
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+        merge(cfg, tree, where=f"--set {key}")
+    return cfg
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or the name of a config shipped with the package (e.g. `demo`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = PACKAGE_CONFIGS / f"{p.name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise InputError(f"{path}: config file not found (shipped configs: {', '.join(shipped_configs())})")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a config must be a mapping of keys to values")
+    return data
+
+
+def merge(base: dict[str, Any], update: dict[str, Any], *, where: str, prefix: str = "") -> None:
+    """Merge `update` into `base` in place; keys unknown to the defaults are refused."""
+    for key, value in update.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            raise InputError(f"{where}: unknown config key {name!r}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise InputError(f"{where}: {name!r} must be a mapping")
+            merge(base[key], value, where=where, prefix=name + ".")
+        else:
+            base[key] = value
+
+
+def dump_config(cfg: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))

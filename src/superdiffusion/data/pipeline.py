@@ -1,0 +1,240 @@
+"""From a config to training streams: load and check every case up front, split by case, preprocess,
+and draw training crops.
+
+Crops are drawn from a generator seeded by (seed, stream, step, rank), so any step's batch can be
+re-drawn exactly: a resumed run sees the same data as an uninterrupted one, and distributed ranks see
+different data, without saving any loader state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from .case import Case, CaseRef
+from .readers import discover, load_case
+from .splits import make_split
+from .synthetic import make_synthetic_dataset
+
+
+def normalize(image: np.ndarray, mode: str) -> np.ndarray:
+    """Per case and channel: `percentile` maps [p0.5, p99.5] to [-1, 1] (the diffusion range); `zscore`."""
+    out = np.empty_like(image, dtype=np.float32)
+    for c, channel in enumerate(image):
+        if mode == "percentile":
+            lo, hi = np.percentile(channel, [0.5, 99.5])
+            out[c] = np.clip((channel - lo) / max(hi - lo, 1e-6), 0, 1) * 2 - 1
+        elif mode == "zscore":
+            out[c] = (channel - channel.mean()) / max(float(channel.std()), 1e-6)
+        else:
+            raise InputError(f"data.intensity: unknown mode {mode!r} (percentile, zscore)")
+    return out
+
+
+def resize(array: np.ndarray | torch.Tensor, shape: tuple[int, ...], *, nearest: bool = False) -> torch.Tensor:
+    """Resample a channels-first array (C, *spatial) to `shape` (linear, or nearest for labels)."""
+    x = torch.as_tensor(array)[None].float()
+    if tuple(x.shape[2:]) == tuple(shape):
+        return x[0]
+    mode = "nearest-exact" if nearest else ("bilinear" if len(shape) == 2 else "trilinear")
+    return F.interpolate(x, size=tuple(shape), mode=mode, **({} if nearest else {"align_corners": False}))[0]
+
+
+def scaled_shape(shape: tuple[int, ...], scale: list[float] | None) -> tuple[int, ...]:
+    if scale is None:
+        return tuple(shape)
+    if len(scale) != len(shape):
+        raise InputError(f"data.scale: {scale} has {len(scale)} factors for {len(shape)}-D images")
+    return tuple(max(1, round(s * f)) for s, f in zip(shape, scale))
+
+
+def prepare_image(image: np.ndarray, data_cfg: dict) -> np.ndarray:
+    """Intensity normalisation and resampling: what the networks see, in training and inference."""
+    image = normalize(image, data_cfg["intensity"])
+    return resize(image, scaled_shape(image.shape[1:], data_cfg["scale"])).numpy()
+
+
+def prepare_case(case: Case, data_cfg: dict) -> Case:
+    image = prepare_image(case.image, data_cfg)
+    label = None
+    if case.label is not None:
+        label = resize(case.label[None], image.shape[1:], nearest=True)[0].long().numpy()
+    return Case(case.id, image, label, case.spacing, case.source, case.meta)
+
+
+@dataclass
+class DataBundle:
+    """The cases of one run, split by case; unlabelled cases carry no label."""
+
+    split: dict
+    labelled: list[Case]
+    unlabelled: list[Case]
+    val: list[Case]  # raw (not preprocessed), with labels: evaluated at the original resolution
+    in_channels: int
+    source_dims: int
+
+
+def list_refs(data_cfg: dict) -> list[CaseRef]:
+    if data_cfg["format"] == "synthetic":
+        return []
+    if not data_cfg["root"]:
+        raise InputError(f"data.root: required for format {data_cfg['format']!r}")
+    return discover(data_cfg["format"], data_cfg["root"], data_cfg["list"], data_cfg["subset"])
+
+
+def load_cases(data_cfg: dict, ids: list[str] | None = None, *, with_label: bool = True) -> list[Case]:
+    """Load (and check) cases by id: synthetic ones are generated, others read from disk."""
+    if data_cfg["format"] == "synthetic":
+        syn = data_cfg["synthetic"]
+        cases = make_synthetic_dataset(syn["cases"], dims=len(syn["shape"]), shape=tuple(syn["shape"]),
+                                       seed=syn["seed"])
+        cases = [c for c in cases if ids is None or c.id in ids]
+        return cases if with_label else [c.without_label() for c in cases]
+    refs = [r for r in list_refs(data_cfg) if ids is None or r.id in ids]
+    return [load_case(r, with_label=with_label, num_classes=data_cfg["num_classes"]) for r in refs]
+
+
+def case_ids(data_cfg: dict) -> list[str]:
+    if data_cfg["format"] == "synthetic":
+        return [f"synth{i:03d}" for i in range(data_cfg["synthetic"]["cases"])]
+    return [r.id for r in list_refs(data_cfg)]
+
+
+def build_data(cfg: dict, *, all_labelled: bool = False) -> DataBundle:
+    """Split, then load every case (labelled and validation with labels, unlabelled without)."""
+    data_cfg = cfg["data"]
+    split = make_split(case_ids(data_cfg), labelled=cfg["split"]["labelled"], val=cfg["split"]["val"],
+                       seed=cfg["split"]["seed"])
+    if all_labelled:  # the fully supervised upper bound: every training case is labelled, same validation
+        split["labelled"], split["unlabelled"] = sorted(split["labelled"] + split["unlabelled"]), []
+    labelled = load_cases(data_cfg, split["labelled"])
+    unlabelled = load_cases(data_cfg, split["unlabelled"], with_label=False) if split["unlabelled"] else []
+    val = load_cases(data_cfg, split["val"]) if split["val"] else []
+    first = labelled[0]
+    check_dims(first, cfg["data"]["dims"])
+    return DataBundle(split, [prepare_case(c, data_cfg) for c in labelled],
+                      [prepare_case(c, data_cfg) for c in unlabelled], val,
+                      first.image.shape[0], first.spatial_dims)
+
+
+def check_dims(case: Case, dims: int) -> None:
+    if dims not in (2, 3):
+        raise InputError(f"data.dims: {dims!r} must be 2 or 3")
+    if dims == 3 and case.spatial_dims == 2:
+        raise InputError(f"{case.source}: a 2D image cannot train a 3D network (set data.dims=2)")
+
+
+class PatchSampler:
+    """Random training crops (2D slices of 3D cases when dims = 2), re-drawable from (seed, step)."""
+
+    def __init__(self, cases: list[Case], *, dims: int, patch: list[int], slice_axis: int = 2,
+                 augment: bool = True, fg_oversample: float = 0.0, seed: int = 0, stream: int = 0):
+        if not cases:
+            raise InputError("no cases to sample training crops from")
+        if len(patch) != dims:
+            raise InputError(f"train.patch: {patch} does not have {dims} sizes for a {dims}-D network")
+        self.cases, self.dims, self.patch = cases, dims, tuple(int(p) for p in patch)
+        self.slice_axis, self.augment, self.fg_oversample = slice_axis, augment, fg_oversample
+        self.seed, self.stream = seed, stream
+        self.slicing = dims == 2 and cases[0].spatial_dims == 3
+        self.foreground = [np.argwhere(c.label > 0) if c.label is not None else None for c in cases]
+
+    def batch(self, step: int, size: int, *, rank: int = 0) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.stream, step, rank])
+        samples = [self.sample(rng) for _ in range(size)]
+        out = {"image": torch.from_numpy(np.stack([s[0] for s in samples]))}
+        if samples[0][1] is not None:
+            out["label"] = torch.from_numpy(np.stack([s[1] for s in samples]))
+        return out
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        k = int(rng.integers(len(self.cases)))
+        case, fg = self.cases[k], self.foreground[k]
+        image, label = case.image, case.label
+        centre = fg[rng.integers(len(fg))] if fg is not None and len(fg) and rng.random() < self.fg_oversample \
+            else None
+        if self.slicing:
+            axis = self.slice_axis
+            index = int(centre[axis]) if centre is not None else int(rng.integers(image.shape[1 + axis]))
+            image = np.take(image, index, axis=1 + axis)
+            label = np.take(label, index, axis=axis) if label is not None else None
+            centre = np.delete(centre, axis) if centre is not None else None
+        image, label = crop(image, label, self.patch, rng, centre)
+        if self.augment:
+            image, label = augment(image, label, rng)
+        return np.ascontiguousarray(image, dtype=np.float32), \
+            (np.ascontiguousarray(label, dtype=np.int64) if label is not None else None)
+
+
+def crop(image: np.ndarray, label: np.ndarray | None, patch: tuple[int, ...], rng: np.random.Generator,
+         centre: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pad to at least `patch` (image with its minimum, label with 0), then crop at random or around `centre`."""
+    pads = [(0, 0)] + [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2)
+                       for s, p in zip(image.shape[1:], patch)]
+    if any(a or b for a, b in pads):
+        image = np.pad(image, pads, constant_values=float(image.min()))
+        label = np.pad(label, pads[1:]) if label is not None else None
+    starts = []
+    for d, (size, p) in enumerate(zip(image.shape[1:], patch)):
+        if centre is not None:
+            start = int(centre[d]) + pads[1 + d][0] - p // 2 + int(rng.integers(-p // 4, p // 4 + 1))
+        else:
+            start = int(rng.integers(size - p + 1))
+        starts.append(min(max(start, 0), size - p))
+    window = tuple(slice(s, s + p) for s, p in zip(starts, patch))
+    return image[(slice(None), *window)], (label[window] if label is not None else None)
+
+
+def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator):
+    """Random flips on every spatial axis and a random 90-degree rotation in the first plane (if square)."""
+    for axis in range(image.ndim - 1):
+        if rng.random() < 0.5:
+            image = np.flip(image, axis + 1)
+            label = np.flip(label, axis) if label is not None else None
+    k = int(rng.integers(4))
+    if k and image.shape[1] == image.shape[2]:
+        image = np.rot90(image, k, axes=(1, 2))
+        label = np.rot90(label, k, axes=(0, 1)) if label is not None else None
+    return image, label
+
+
+SUFFIX_FORMATS = {".h5": "la-h5", ".hdf5": "la-h5", ".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd",
+                  ".nhdr": "nrrd", ".png": "image2d", ".tif": "image2d", ".tiff": "image2d",
+                  ".bmp": "image2d", ".jpg": "image2d", ".jpeg": "image2d"}
+
+
+def file_suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def ref_for_file(path: str | Path) -> CaseRef:
+    """A case reference for a single image file (its format from the suffix), e.g. for `predict`."""
+    path = Path(path)
+    fmt = SUFFIX_FORMATS.get(file_suffix(path))
+    if fmt is None:
+        raise InputError(f"{path}: unsupported file type (supported: {', '.join(sorted(SUFFIX_FORMATS))})")
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    case_id = path.parent.name if path.name == "mri_norm2.h5" else path.name[: -len(file_suffix(path))]
+    return CaseRef(case_id, path, None, fmt)
+
+
+def input_refs(inputs: list[str | Path]) -> list[CaseRef]:
+    """Files as given; a folder contributes its image files (and LA-style `<id>/mri_norm2.h5`)."""
+    refs: list[CaseRef] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and file_suffix(p) in SUFFIX_FORMATS)
+            found += sorted(item.glob("*/mri_norm2.h5"))
+            if not found:
+                raise InputError(f"{item}: no image files found in this folder")
+            refs += [ref_for_file(p) for p in found]
+        else:
+            refs.append(ref_for_file(item))
+    return refs

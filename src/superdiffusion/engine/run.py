@@ -1,0 +1,145 @@
+"""A training run: check the config and every input, split, train each stage, evaluate, record.
+
+Run folder layout (final stage at the top, earlier pipeline stages in sub-folders):
+    config.yaml  split.json  log.jsonl  tb/  checkpoints/{last,best}.pt  results.json
+    pretrain/    (stage 1 of the SuperDiffusion pipeline: its own log, tb and checkpoints)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..checkpoint import load_checkpoint
+from ..config import dump_config
+from ..data.pipeline import DataBundle, build_data
+from ..data.splits import write_split
+from ..errors import InputError
+from ..evaluation.inference import evaluate_cases
+from ..evaluation.metrics import summarize
+from ..methods import build_method, method_class
+from .trainer import Trainer
+
+DONE = "DONE"
+
+
+def check_config(cfg: dict) -> None:
+    """Value checks that need no data; each names the key at fault."""
+    method_class(cfg["method"])
+    d, t = cfg["data"], cfg["train"]
+    if d["dims"] not in (2, 3):
+        raise InputError(f"data.dims: {d['dims']!r} must be 2 or 3")
+    if not isinstance(d["num_classes"], int) or d["num_classes"] < 2:
+        raise InputError(f"data.num_classes: {d['num_classes']!r} must be an integer >= 2")
+    if not isinstance(t["patch"], list) or len(t["patch"]) != d["dims"]:
+        raise InputError(f"train.patch: {t['patch']!r} must list {d['dims']} sizes")
+    divisor = 2 ** (len(cfg["model"]["channels"]) - 1)
+    if any(not isinstance(p, int) or p <= 0 or p % divisor for p in t["patch"]):
+        raise InputError(f"train.patch: {t['patch']} sizes must be positive multiples of {divisor} "
+                         f"for a {len(cfg['model']['channels'])}-level U-Net")
+    for key in ("steps", "batch_size", "unlabelled_batch_size"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise InputError(f"train.{key}: {t[key]!r} must be a positive integer")
+    if not isinstance(t["lr"], int | float) or not t["lr"] > 0:
+        raise InputError(f"train.lr: {t['lr']!r} must be a positive number")
+    if cfg["eval"]["checkpoint"] not in ("best", "last"):
+        raise InputError(f"eval.checkpoint: {cfg['eval']['checkpoint']!r} must be best or last")
+
+
+def prepare_run_dir(cfg: dict, run_dir: Path, *, resume: bool) -> None:
+    """Never overwrite a run: a new run needs a new folder; --resume needs the same config."""
+    stored = run_dir / "config.yaml"
+    if resume:
+        if not stored.is_file():
+            raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
+        old = yaml.safe_load(stored.read_text())
+        if old != cfg:
+            diff = sorted(_diff_keys(old, cfg))
+            raise InputError(f"{run_dir}: the config differs from the run's own ({', '.join(diff)}); "
+                             "resume with the same config or start a new run folder")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise InputError(f"{run_dir}: run folder exists and is not empty; pass --resume to continue it "
+                         "or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, stored)
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train every stage of cfg.method in run_dir, then evaluate on the validation split."""
+    check_config(cfg)
+    run_dir = Path(run_dir)
+    if cfg["train"]["threads"]:
+        torch.set_num_threads(int(cfg["train"]["threads"]))
+    cls = method_class(cfg["method"])
+    data = build_data(cfg, all_labelled=getattr(cls, "all_labelled", False))  # every input checked here
+    prepare_run_dir(cfg, run_dir, resume=resume)
+    write_split(data.split, run_dir / "split.json")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg["seed"])
+    method = build_method(cfg, in_channels=data.in_channels)
+    for stage in getattr(method, "stages", lambda: [])():  # earlier stages of a pipeline (pretrain)
+        stage.run(method, cfg, data, run_dir, resume=resume, progress=progress)
+    summary = Trainer(method, cfg, data, run_dir, progress=progress).fit(resume=resume)
+    results = final_evaluation(method, cfg, data, run_dir)
+    results.update(steps=summary["step"], wall_time_s=round(time.perf_counter() - t0, 1))
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (run_dir / DONE).write_text("ok\n")
+    return results
+
+
+def final_evaluation(method, cfg: dict, data: DataBundle, run_dir: Path) -> dict:
+    """Load the chosen checkpoint, pick the predictor by validation Dice, full metrics on validation."""
+    rule = cfg["eval"]["checkpoint"]
+    path = run_dir / "checkpoints" / f"{rule}.pt"
+    if rule == "best" and not path.exists():
+        rule, path = "last", run_dir / "checkpoints" / "last.pt"  # no validation split: nothing to pick by
+    method.load_state_dict(load_checkpoint(path)["model"])
+    method.eval()
+    results = {"checkpoint": rule, "checkpoint_rule": "best validation Dice" if rule == "best" else "last step",
+               "threshold": "argmax (foreground probability > 0.5 for binary)", "split": data.split,
+               "labelled_cases": len(data.split["labelled"]), "seed": cfg["seed"]}
+    if not data.val:
+        results["predictor"] = choose_predictor(method, cfg, {})
+        return results
+    per_predictor = {}
+    for name, fn in method.predictors().items():
+        per_case = evaluate_cases(fn, data.val, data_cfg=cfg["data"], dims=cfg["data"]["dims"],
+                                  patch=cfg["train"]["patch"], overlap=cfg["eval"]["overlap"],
+                                  sw_batch_size=cfg["eval"]["sw_batch_size"])
+        per_predictor[name] = {"per_case": per_case, "mean": summarize(per_case)}
+    predictor = choose_predictor(method, cfg, {k: v["mean"]["dice"]["mean"] for k, v in per_predictor.items()})
+    results.update(predictor=predictor, val=per_predictor)
+    return results
+
+
+def choose_predictor(method, cfg: dict, val_dice: dict[str, float]) -> str:
+    names = list(method.predictors())
+    wanted = cfg["eval"]["predictor"]
+    if wanted != "auto":
+        if wanted not in names:
+            raise InputError(f"eval.predictor: {wanted!r} not offered by {cfg['method']} ({', '.join(names)})")
+        return wanted
+    return max(val_dice, key=lambda k: (val_dice[k], -names.index(k))) if val_dice else names[0]
+
+
+def mean_table(results: dict) -> dict[str, float]:
+    """Mean validation metrics of the chosen predictor."""
+    m = results["val"][results["predictor"]]["mean"]
+    return {k: float(np.round(m[k]["mean"], 4)) for k in ("dice", "jaccard", "hd95", "asd")}

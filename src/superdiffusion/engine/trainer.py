@@ -1,0 +1,185 @@
+"""The one training loop every method runs on.
+
+Budget in optimiser steps; periodic validation at the original resolution; tqdm progress with ETA;
+JSON-lines and TensorBoard logs; atomic checkpoints (last and best-on-validation) holding the
+networks, every optimiser and scheduler, the step and every RNG state, so `resume` continues a killed
+run to the same final weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..data.pipeline import DataBundle, PatchSampler
+from ..errors import InputError
+from ..evaluation.inference import evaluate_cases
+from ..methods.base import Method
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf: training stops, the last good checkpoint stays."""
+
+
+def build_optimizer(params, train_cfg: dict, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = train_cfg["lr"] if lr is None else lr
+    kind, wd = train_cfg["optimizer"], train_cfg["weight_decay"]
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    raise InputError(f"train.optimizer: unknown {kind!r} (adam, adamw, sgd)")
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then poly(0.9), cosine or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "poly":
+        return (1 - progress) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "constant":
+        return 1.0
+    raise InputError(f"train.lr_schedule: unknown {schedule!r} (poly, cosine, constant)")
+
+
+class Trainer:
+    """Runs `method` for cfg.train.steps steps in `run_dir` (one stage of a pipeline per folder)."""
+
+    def __init__(self, method: Method, cfg: dict, data: DataBundle, run_dir: str | Path, *,
+                 lr: float | None = None, steps: int | None = None, validate: bool = True,
+                 progress: bool = True):
+        self.method, self.cfg, self.data = method, cfg, data
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        tc = cfg["train"]
+        self.steps = int(tc["steps"] if steps is None else steps)
+        self.validate = validate and bool(data.val)
+        self.progress = progress
+        self.optimizers = {k: build_optimizer(p, tc, lr) for k, p in method.optimizer_groups().items()}
+        self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: lr_factor(s, total=self.steps, warmup=tc["warmup"], schedule=tc["lr_schedule"]))
+            for k, o in self.optimizers.items()}
+        dims, seed = cfg["data"]["dims"], cfg["seed"]
+        common = dict(dims=dims, patch=tc["patch"], slice_axis=cfg["data"]["slice_axis"],
+                      augment=tc["augment"], seed=seed)
+        self.labelled = PatchSampler(data.labelled, fg_oversample=tc["fg_oversample"], stream=0, **common)
+        self.unlabelled = None
+        if method.uses_unlabelled:
+            if not data.unlabelled:
+                raise InputError("this method needs unlabelled cases, but the split left none "
+                                 "(lower split.labelled)")
+            self.unlabelled = PatchSampler(data.unlabelled, stream=1, **common)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step, self.best = 0, -1.0
+        self.rank, self.world = 0, 1
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"config": json.dumps(self.cfg), "method": self.method.name, "step": self.step,
+                "best": self.best, "model": self.method.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "rng": {**rng_state(), "trainer": self.generator.get_state()},
+                "in_channels": self.data.in_channels, "num_classes": self.method.num_classes}
+
+    def save(self, name: str) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.state(), self.ckpt_dir / name)
+
+    def restore(self, payload: dict) -> None:
+        self.method.load_state_dict(payload["model"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(payload["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(payload["schedulers"][k])
+        set_rng_state(payload["rng"])
+        self.generator.set_state(payload["rng"]["trainer"])
+        self.step, self.best = int(payload["step"]), float(payload["best"])
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self, *, resume: bool = False) -> dict:
+        last = self.ckpt_dir / "last.pt"
+        if resume and last.exists():
+            self.restore(load_checkpoint(last))
+        tc = self.cfg["train"]
+        log = open(self.run_dir / "log.jsonl", "a") if self.rank == 0 else None
+        writer = SummaryWriter(str(self.run_dir / "tb")) if self.rank == 0 else None
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.run_dir.name, dynamic_ncols=True,
+                   disable=not self.progress or self.rank != 0)
+        self.method.train()
+        t0 = time.perf_counter()
+        try:
+            while self.step < self.steps:
+                batch = self.labelled.batch(self.step, tc["batch_size"], rank=self.rank)
+                if self.unlabelled is not None:
+                    batch["unlabelled"] = self.unlabelled.batch(
+                        self.step, tc["unlabelled_batch_size"], rank=self.rank)["image"]
+                loss, logs = self.method.training_step(batch, step=self.step, total_steps=self.steps,
+                                                       generator=self.generator)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"step {self.step}: loss is {loss.item()}; stopped, last good checkpoint kept in "
+                        f"{self.ckpt_dir} (lower train.lr?)")
+                for o in self.optimizers.values():
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in self.optimizers.values():
+                    o.step()
+                for s in self.schedulers.values():
+                    s.step()
+                self.method.after_step(self.step)
+                self.step += 1
+                logs = {"lr": next(iter(self.optimizers.values())).param_groups[0]["lr"], **logs}
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "lr"}, refresh=False)
+                if log is not None:
+                    log.write(json.dumps({"step": self.step, "time": round(time.perf_counter() - t0, 3),
+                                          **logs}) + "\n")
+                    log.flush()
+                    for k, v in logs.items():
+                        writer.add_scalar(f"train/{k}", v, self.step)
+                done = self.step == self.steps
+                if self.validate and (done or (tc["val_every"] and self.step % tc["val_every"] == 0)):
+                    self.run_validation(writer, log)
+                if done or self.step % tc["ckpt_every"] == 0:
+                    self.save("last.pt")
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+                writer.close()
+        return {"step": self.step, "best_val_dice": self.best}
+
+    def run_validation(self, writer, log) -> None:
+        """Mean validation Dice of the method's default predictor; keeps best.pt."""
+        self.method.eval()
+        ec = self.cfg["eval"]
+        scores = {}
+        for name, fn in self.method.predictors().items():
+            per_case = evaluate_cases(fn, self.data.val, data_cfg=self.cfg["data"], dims=self.cfg["data"]["dims"],
+                                      patch=self.cfg["train"]["patch"], overlap=ec["overlap"],
+                                      sw_batch_size=ec["sw_batch_size"], full=False)
+            scores[name] = float(np.mean([m["dice"] for m in per_case.values()]))
+        self.method.train()
+        if self.rank != 0:
+            return
+        dice = max(scores.values())
+        for name, v in scores.items():
+            writer.add_scalar(f"val/dice_{name}", v, self.step)
+        log.write(json.dumps({"step": self.step, **{f"val_dice_{k}": v for k, v in scores.items()}}) + "\n")
+        if dice > self.best:
+            self.best = dice
+            self.save("best.pt")

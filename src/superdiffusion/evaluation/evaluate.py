@@ -1,0 +1,74 @@
+"""`evaluate` and `predict`: a run on a labelled dataset, mask folders against mask folders, masks to disk."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from ..data.pipeline import SUFFIX_FORMATS, file_suffix, input_refs, load_cases
+from ..data.readers import load_case, read_mask, write_mask
+from ..errors import InputError
+from .inference import segment
+from .metrics import METRICS, case_metrics, summarize
+from .predict import load_run
+
+
+def report(per_case: dict[str, dict], **info) -> dict:
+    s = summarize(per_case)
+    return {**info, "n_cases": len(per_case), "mean": {k: s[k]["mean"] for k in METRICS},
+            "std": {k: s[k]["std"] for k in METRICS}, "per_case": per_case}
+
+
+def evaluate_run(run_dir, data_root, list_file=None, *, fmt=None, checkpoint=None, predictor=None) -> dict:
+    run = load_run(run_dir, checkpoint=checkpoint, predictor=predictor)
+    data_cfg = copy.deepcopy(run.cfg["data"])
+    data_cfg.update(root=str(data_root), list=list_file, format=fmt or data_cfg["format"])
+    if data_cfg["format"] == "synthetic":
+        raise InputError(f"{run_dir}: trained on synthetic data; pass --format for --data {data_root}")
+    cases = load_cases(data_cfg)  # every case read and checked before the first prediction
+    per_case = {c.id: case_metrics(segment(run.probabilities(c)), c.label, spacing=c.spacing,
+                                   num_classes=data_cfg["num_classes"]) for c in cases}
+    return report(per_case, run=str(run_dir), checkpoint=run.checkpoint.name, predictor=run.predictor,
+                  data=str(data_root), list=list_file, threshold="argmax (foreground probability > 0.5)")
+
+
+def mask_files(folder: str | Path) -> dict[str, Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder not found")
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and file_suffix(p) in SUFFIX_FORMATS:
+            files[p.name[: -len(file_suffix(p))]] = p
+    if not files:
+        raise InputError(f"{folder}: no mask files found")
+    return files
+
+
+def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 2) -> dict:
+    """Score every ground-truth mask against the prediction of the same name."""
+    pred, gt = mask_files(pred_dir), mask_files(gt_dir)
+    missing = sorted(set(gt) - set(pred))
+    if missing:
+        raise InputError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s), e.g. {missing[0]}")
+    pairs = {k: (read_mask(pred[k]), read_mask(gt[k])) for k in gt}  # read everything first
+    for k, ((p, _), (g, _)) in pairs.items():
+        for path, arr in ((pred[k], p), (gt[k], g)):
+            if arr.min() < 0 or arr.max() >= num_classes:
+                raise InputError(f"{path}: label value {int(arr.max())} outside 0..{num_classes - 1}")
+    per_case = {k: case_metrics(p, g, num_classes=num_classes, spacing=spacing)
+                for k, ((p, _), (g, spacing)) in pairs.items()}
+    return report(per_case, pred=str(pred_dir), gt=str(gt_dir))
+
+
+def predict_files(run_dir, inputs, out_dir, *, checkpoint=None, predictor=None) -> list[Path]:
+    """Segment each input and write its mask next to the others in out_dir, in the input's format."""
+    run = load_run(run_dir, checkpoint=checkpoint, predictor=predictor)
+    refs = input_refs(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clashes = [r for r in refs if any(out_dir.glob(f"{r.id}.*"))]
+    if clashes:
+        raise InputError(f"{out_dir}: a mask for {clashes[0].id} exists already; choose another --out")
+    cases = [load_case(r, with_label=False) for r in refs]
+    return [write_mask(segment(run.probabilities(c)), c, out_dir) for c in cases]

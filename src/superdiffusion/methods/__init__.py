@@ -1,0 +1,20 @@
+"""Training methods: small classes on the shared trainer, chosen by name in the config."""
+
+from __future__ import annotations
+
+from ..errors import InputError
+from .base import Method
+from .supervised import FullySupervised, Supervised
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FullySupervised)}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise InputError(f"method: unknown {name!r} (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+def build_method(cfg: dict, *, in_channels: int) -> Method:
+    return method_class(cfg["method"])(cfg, dims=cfg["data"]["dims"], in_channels=in_channels,
+                                       num_classes=cfg["data"]["num_classes"])

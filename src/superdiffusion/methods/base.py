@@ -1,0 +1,73 @@
+"""What every training method is: networks, the losses of one step, and how it predicts.
+
+The shared trainer (engine/trainer.py) owns everything else: data streams, optimisers (one per entry
+of `optimizer_groups`), schedules, validation, logging and checkpoints. A method is therefore a small
+class; adding one never copies a training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+from torch import Tensor, nn
+
+from ..nets.unet import UNet
+
+Batch = dict[str, Tensor]
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, build networks in __init__ and implement `training_step`."""
+
+    name = "method"
+    uses_unlabelled = False  # whether the trainer must feed an unlabelled stream ("unlabelled" key)
+
+    def __init__(self, cfg: dict, *, dims: int, in_channels: int, num_classes: int):
+        super().__init__()
+        self.cfg, self.dims, self.in_channels, self.num_classes = cfg, dims, in_channels, num_classes
+
+    def segmentation_net(self) -> UNet:
+        """A plain U-Net from the `model` config: image in, class logits out."""
+        m = self.cfg["model"]
+        return UNet(dims=self.dims, in_channels=self.in_channels, out_channels=self.num_classes,
+                    channels=m["channels"], norm=m["norm"])
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """One optimiser per entry; by default a single one over every parameter."""
+        return {"model": [p for p in self.parameters() if p.requires_grad]}
+
+    def training_step(self, batch: Batch, *, step: int, total_steps: int,
+                      generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """The loss to back-propagate and the numbers to log."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Hook after the optimisers stepped (EMA updates)."""
+
+    def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        """Named functions image batch -> logits; the first is the default."""
+        raise NotImplementedError
+
+
+def dice_loss(*, ce: bool = False) -> nn.Module:
+    """Soft Dice over all classes (optionally + cross-entropy) on logits and integer labels (B, *)."""
+    loss = (DiceCELoss if ce else DiceLoss)(to_onehot_y=True, softmax=True, include_background=True)
+    return _IntegerTargets(loss)
+
+
+class _IntegerTargets(nn.Module):
+    """Adapts MONAI's (B, 1, *) label convention to the (B, *) integer maps used here."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return self.loss(logits, target[:, None])
+
+
+def linear_ramp(step: int, total_steps: int) -> float:
+    """The reference's unlabelled weight (e + 1) / E, per step instead of per epoch."""
+    return min(1.0, (step + 1) / max(total_steps, 1))
