@@ -75,7 +75,11 @@ class Trainer:
         dims, seed = cfg["data"]["dims"], cfg["seed"]
         common = dict(dims=dims, patch=tc["patch"], slice_axis=cfg["data"]["slice_axis"],
                       augment=tc["augment"], seed=seed)
-        self.labelled = PatchSampler(data.labelled, fg_oversample=tc["fg_oversample"], stream=0, **common)
+        if getattr(method, "reads_labels", True):
+            self.labelled = PatchSampler(data.labelled, fg_oversample=tc["fg_oversample"], stream=0, **common)
+        else:  # label-free stage (pre-training): every training image, no label reachable
+            self.labelled = PatchSampler([c.without_label() for c in data.labelled] + data.unlabelled,
+                                         stream=0, **common)
         self.unlabelled = None
         if method.uses_unlabelled:
             if not data.unlabelled:

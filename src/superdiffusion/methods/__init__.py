@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ..errors import InputError
 from .base import Method
+from .superdiffusion import CoTrain, Pretrain, SuperDiffusion
 from .supervised import FullySupervised, Supervised
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FullySupervised)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FullySupervised, Pretrain, CoTrain,
+                                                        SuperDiffusion)}
 
 
 def method_class(name: str) -> type[Method]:

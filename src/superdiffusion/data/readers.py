@@ -1,0 +1,492 @@
+"""Find cases on disk, read them into `Case`s with every input check, and write masks back.
+
+Readers check everything that can be wrong with user data (missing or corrupt files, NaN/Inf,
+shape mismatches, label values out of range) and report it as one-line `InputError`s naming the
+file, so that bad data stops a run before any long work starts. Masks are written in the input's
+own format (same geometry), so that they open next to the image in the user's usual viewer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import nrrd
+import numpy as np
+import tifffile
+from PIL import Image
+
+from ..errors import InputError
+from .case import Case, CaseRef
+
+FORMATS = ("la", "volumes", "folders", "glas", "ph2")
+VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+IMAGE2D_EXTS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+H5_EXTS = (".h5", ".hdf5")
+LA_FILE = "mri_norm2.h5"
+GLAS_SUBSETS = {
+    None: ("train", "testA", "testB"),
+    "all": ("train", "testA", "testB"),
+    "train": ("train",),
+    "testA": ("testA",),
+    "testB": ("testB",),
+    "test": ("testA", "testB"),
+}
+_GLAS_IMAGE = re.compile(r"^(train|testA|testB)_\d+$")
+_GLAS_ANNO = re.compile(r"^(train|testA|testB)_\d+_anno$")
+_NNUNET_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+_LABEL_SUFFIXES = ("", "_mask", "_label", "_anno", "_segmentation")  # 2D mask names seen in the wild
+_NRRD_GEOMETRY = ("space", "space directions", "space origin", "spacings", "space units")
+_SPATIAL_DIMS = {"la-h5": 3, "nifti": 3, "nrrd": 3, "image2d": 2}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _suffix(path: Path) -> str:
+    """The file's format suffix, lower case, with `.nii.gz` as one suffix."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def _stem(path: Path) -> str:
+    return path.name[: len(path.name) - len(_suffix(path))]
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn whatever a library raises on a bad file into one line naming the file."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read ({_reason(exc)})") from exc
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not Path(path).is_file():
+        raise InputError(f"{path}: {what} file not found")
+
+
+def _plain(value):
+    """numpy-free copy of a header, so that `meta` stays plain (JSON-able) data."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------- discovery
+def _files(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
+    """stem -> file for the supported files of a folder (hidden files and other types ignored)."""
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and _suffix(p) in exts:
+            stem = _stem(p)
+            if stem in out:
+                raise InputError(f"{p}: two files for case '{stem}' ({out[stem].name} and {p.name})")
+            out[stem] = p
+    return out
+
+
+def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _discover_la(root: Path) -> dict[str, CaseRef]:
+    refs = {}
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and (d / LA_FILE).is_file():
+            refs[d.name] = CaseRef(d.name, d / LA_FILE, d / LA_FILE, "la-h5")
+    return refs
+
+
+def _discover_volumes(root: Path) -> dict[str, CaseRef]:
+    img_dir = _first_dir(root, ("images", "imagesTr", "imagesTs"))
+    if img_dir is None:
+        return {}
+    lab_dir = _first_dir(root, ("labels",) if img_dir.name == "images" else ("labels" + img_dir.name[6:],))
+    images = _files(img_dir, VOLUME_EXTS)
+    if img_dir.name != "images":  # nnU-Net: <id>_0000.nii.gz, one file per channel
+        renamed = {}
+        for stem, p in images.items():
+            m = _NNUNET_CHANNEL.match(stem)
+            if m is None:
+                raise InputError(f"{p}: nnU-Net image names must end in _0000 (channel number)")
+            if m.group(2) != "0000":
+                raise InputError(f"{p}: multi-channel nnU-Net images are not supported (only _0000)")
+            renamed[m.group(1)] = p
+        images = renamed
+    labels = _files(lab_dir, VOLUME_EXTS) if lab_dir else {}
+    return {
+        i: CaseRef(i, p, labels.get(i), "nifti" if _suffix(p).startswith(".nii") else "nrrd")
+        for i, p in images.items()
+    }
+
+
+def _discover_folders(root: Path) -> dict[str, CaseRef]:
+    img_dir = _first_dir(root, ("images",))
+    if img_dir is None:
+        return {}
+    lab_dir = _first_dir(root, ("labels", "masks"))
+    labels = _files(lab_dir, IMAGE2D_EXTS) if lab_dir else {}
+    refs = {}
+    for stem, p in _files(img_dir, IMAGE2D_EXTS).items():
+        label = next((labels[stem + s] for s in _LABEL_SUFFIXES if stem + s in labels), None)
+        refs[stem] = CaseRef(stem, p, label, "image2d")
+    return refs
+
+
+def _single_subdir(root: Path) -> Path:
+    """Unpacked archives often add one folder level: look inside it when root holds only that."""
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else root
+
+
+def _discover_glas(root: Path, subset: str | None) -> dict[str, CaseRef]:
+    wanted = GLAS_SUBSETS[subset]
+    base = root if any(_GLAS_IMAGE.match(_stem(p)) for p in root.iterdir()) else _single_subdir(root)
+    refs = {}
+    for stem, p in _files(base, IMAGE2D_EXTS).items():
+        if _GLAS_IMAGE.match(stem) and stem.split("_")[0] in wanted:
+            anno = next((q for q in base.glob(f"{stem}_anno.*") if _suffix(q) in IMAGE2D_EXTS), None)
+            refs[stem] = CaseRef(stem, p, anno, "image2d")
+    return refs
+
+
+def _discover_ph2(root: Path) -> dict[str, CaseRef]:
+    base = next(
+        (b for b in (root / "PH2 Dataset images", root / "PH2Dataset" / "PH2 Dataset images") if b.is_dir()),
+        root,
+    )
+    refs = {}
+    for d in sorted(base.iterdir()):
+        image = d / f"{d.name}_Dermoscopic_Image" / f"{d.name}.bmp"
+        if d.is_dir() and image.is_file():
+            lesion = d / f"{d.name}_lesion" / f"{d.name}_lesion.bmp"
+            refs[d.name] = CaseRef(d.name, image, lesion if lesion.is_file() else None, "image2d")
+    return refs
+
+
+def _read_list(list_file: str | Path, root: Path) -> tuple[Path, list[str]]:
+    """Ids of a list file: one per line; blank lines, surrounding spaces and `#` comments ignored."""
+    path = Path(list_file)
+    if not path.exists() and not path.is_absolute() and (root / path).exists():
+        path = root / path
+    if not path.is_file():
+        raise InputError(f"{list_file}: case list file not found (also looked in {root})")
+    with _reading(path):
+        text = path.read_text()
+    ids = sorted({ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")})
+    if not ids:
+        raise InputError(f"{path}: case list is empty")
+    return path, ids
+
+
+def discover(
+    fmt: str, root: str | Path, list_file: str | Path | None = None, subset: str | None = None
+) -> list[CaseRef]:
+    """All cases of a dataset folder (optionally only those of a list file), sorted by id.
+
+    Nothing is read: listing is cheap, and a bad root or list fails here, before any work starts.
+    """
+    if fmt not in FORMATS:
+        raise InputError(f"unknown data format {fmt!r}; known formats: {', '.join(FORMATS)}")
+    if subset not in GLAS_SUBSETS:
+        raise InputError(f"unknown subset {subset!r}; known: {', '.join(str(s) for s in GLAS_SUBSETS)}")
+    if subset not in (None, "all") and fmt != "glas":
+        raise InputError(f"subset {subset!r} applies to format glas only, not {fmt}")
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: data root {'is not a folder' if root.exists() else 'does not exist'}")
+    with _reading(root):
+        found = (
+            {
+                "la": _discover_la,
+                "volumes": _discover_volumes,
+                "folders": _discover_folders,
+                "ph2": _discover_ph2,
+            }[fmt](root)
+            if fmt != "glas"
+            else _discover_glas(root, subset)
+        )
+    if list_file is not None:
+        list_path, ids = _read_list(list_file, root)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise InputError(f"{list_path}: listed case {missing[0]!r} has no files in {root}{more}")
+        found = {i: found[i] for i in ids}
+    if not found:
+        raise InputError(f"no cases found in {root} (format {fmt})")
+    return [found[i] for i in sorted(found)]
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _h5_spacing(f: h5py.File, name: str, ndim: int) -> tuple[float, ...] | None:
+    for attrs in (f[name].attrs, f.attrs):
+        if "spacing" in attrs and len(np.ravel(attrs["spacing"])) == ndim:
+            return tuple(float(s) for s in np.ravel(attrs["spacing"]))
+    return None
+
+
+def _nrrd_spacing(header: dict, ndim: int) -> tuple[float, ...] | None:
+    directions = header.get("space directions")
+    if directions is not None:
+        rows = [np.asarray(r, dtype=float) for r in directions if r is not None]
+        sp = [float(np.linalg.norm(r)) for r in rows if np.all(np.isfinite(r))]
+        if len(sp) == ndim:
+            return tuple(sp)
+    spacings = [float(s) for s in header.get("spacings", []) if np.isfinite(float(s))]
+    return tuple(spacings) if len(spacings) == ndim else None
+
+
+def _read_any(
+    path: Path, dataset: str, *, as_label: bool
+) -> tuple[np.ndarray, tuple[float, ...] | None, dict]:
+    """Raw array, spacing (None where the file has none) and writer metadata of one file."""
+    suffix = _suffix(path)
+    extra: dict = {}
+    spacing = None
+    with _reading(path):
+        if suffix in H5_EXTS:
+            with h5py.File(path, "r") as f:
+                if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+                    raise InputError(
+                        f"{path}: no {dataset!r} dataset (found: {', '.join(f.keys()) or 'none'})"
+                    )
+                arr = f[dataset][()]
+                spacing = _h5_spacing(f, dataset, np.ndim(arr))
+        elif suffix in (".nii", ".nii.gz"):
+            img = nib.load(str(path))
+            arr = np.asarray(img.dataobj)
+            while arr.ndim > 3 and arr.shape[-1] == 1:  # NIfTI stores a 3D volume as (X, Y, Z, 1) at times
+                arr = arr[..., 0]
+            spacing = tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
+            extra = {"affine": img.affine.tolist()}
+        elif suffix in (".nrrd", ".nhdr"):
+            arr, header = nrrd.read(str(path))
+            spacing = _nrrd_spacing(header, arr.ndim)
+            extra = {"header": _plain(dict(header))}
+        elif suffix in (".tif", ".tiff"):
+            arr = tifffile.imread(path)
+        elif suffix in IMAGE2D_EXTS:
+            with Image.open(path) as im:
+                if not as_label and im.mode not in ("1", "L", "LA", "I", "I;16", "F", "RGB", "RGBA"):
+                    im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+                arr = np.asarray(im)  # a palette label keeps its indices
+        else:
+            raise InputError(f"{path}: unsupported file type {suffix!r}")
+    return arr, spacing, extra
+
+
+def _channels_first_2d(arr: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W) -> (1, H, W); (H, W, 3|4) -> (3, H, W) without alpha; grey+alpha -> (1, H, W)."""
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.ndim == 3 and arr.shape[-1] <= 4:
+        return np.moveaxis(arr[..., : 1 if arr.shape[-1] <= 2 else 3], -1, 0)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4):  # planar TIFF
+        return arr[: 1 if arr.shape[0] == 1 else 3]
+    raise InputError(f"{path}: expected a 2D image (H, W) or (H, W, 3|4), got shape {arr.shape}")
+
+
+def _label_2d(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[-1] <= 4:  # RGB(A) masks: the first channel carries the classes
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise InputError(f"{path}: expected a 2D mask (H, W), got shape {arr.shape}")
+    return arr
+
+
+def _as_int(arr: np.ndarray, path: Path) -> np.ndarray:
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or np.any(arr != np.round(arr)):
+            raise InputError(f"{path}: label has non-integer values")
+    elif not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        raise InputError(f"{path}: label has non-numeric type {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _map_255(lab: np.ndarray, num_classes: int) -> np.ndarray:
+    """Binary masks saved as 0/255 (most 2D tools do) become 0/1."""
+    if num_classes == 2 and lab.size and lab.max() == 255 and np.all((lab == 0) | (lab == 255)):
+        return (lab == 255).astype(np.int64)
+    return lab
+
+
+def _label_rule(label: Path) -> str:
+    """GlaS annotations are instance ids and PH2 lesions 0/255: both become foreground 1."""
+    if _GLAS_ANNO.match(_stem(label)) or (
+        label.name.endswith("_lesion.bmp") and label.parent.name.endswith("_lesion")
+    ):
+        return "binary"
+    return "generic"
+
+
+def load_case(
+    ref: CaseRef, *, with_label: bool = True, num_classes: int = 2, binarize: bool | None = None
+) -> Case:
+    """Read and check one case. With `with_label=False` the label is never opened (unlabelled data).
+
+    binarize: None = the format's rule (GlaS/PH2 foreground -> 1; 0/255 -> 0/1 for binary tasks),
+    True = every label > 0 becomes 1, False = label values kept as stored.
+    """
+    ndim = _SPATIAL_DIMS.get(ref.format)
+    if ndim is None:
+        raise InputError(
+            f"{ref.image}: unknown case format {ref.format!r} (known: {', '.join(_SPATIAL_DIMS)})"
+        )
+    _require_file(ref.image, "image")
+    raw, spacing, extra = _read_any(Path(ref.image), "image", as_label=False)
+    if ndim == 2:
+        image = _channels_first_2d(raw, ref.image)
+    elif raw.ndim == 3:
+        image = raw[None]
+    else:
+        raise InputError(f"{ref.image}: expected a 3D volume (X, Y, Z), got shape {raw.shape}")
+    if not np.issubdtype(image.dtype, np.number) and image.dtype != bool:
+        raise InputError(f"{ref.image}: image has non-numeric type {image.dtype}")
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise InputError(f"{ref.image}: image contains NaN or Inf values")
+    spatial = image.shape[1:]
+    label = None
+    if with_label and ref.label is not None:
+        _require_file(ref.label, "label")
+        lab, _, _ = _read_any(Path(ref.label), "label", as_label=True)
+        lab = _label_2d(lab, ref.label) if ndim == 2 else lab
+        if lab.shape != spatial:
+            raise InputError(
+                f"{ref.label}: label shape {tuple(lab.shape)} does not match image shape "
+                f"{tuple(spatial)} of {ref.image}"
+            )
+        lab = _as_int(lab, ref.label)
+        if binarize or (binarize is None and _label_rule(Path(ref.label)) == "binary"):
+            lab = (lab > 0).astype(np.int64)
+        elif binarize is None:
+            lab = _map_255(lab, num_classes)
+        bad = (lab < 0) | (lab >= num_classes)
+        if bad.any():
+            values = np.unique(lab[bad])
+            shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+            raise InputError(
+                f"{ref.label}: label values {shown} outside 0..{num_classes - 1} "
+                f"(num_classes={num_classes}; binarize=True maps every value > 0 to 1)"
+            )
+        label = lab
+    meta = {"format": ref.format, "suffix": _suffix(Path(ref.image)), **extra}
+    return Case(ref.id, image, label, spacing or (1.0,) * ndim, str(ref.image), meta)
+
+
+def read_mask(path: str | Path, *, num_classes: int = 2) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A mask file of any supported format as int64 + spacing: what evaluating a mask folder needs."""
+    path = Path(path)
+    _require_file(path, "mask")
+    arr, spacing, _ = _read_any(path, "label", as_label=True)
+    if _suffix(path) in IMAGE2D_EXTS:
+        arr = _label_2d(arr, path)
+    lab = _map_255(_as_int(arr, path), num_classes)
+    return lab, spacing or (1.0,) * lab.ndim
+
+
+# --------------------------------------------------------------------------------------------- writing
+def _target(case: Case, *, float_map: bool) -> tuple[str, str]:
+    """(writer, extension) for a case: the input's own format; synthetic cases get NIfTI / PNG."""
+    fmt = case.meta.get("format")
+    if fmt in ("la-h5", "nifti", "nrrd"):
+        return fmt, {"la-h5": ".h5", "nifti": ".nii.gz", "nrrd": ".nrrd"}[fmt]
+    if case.spatial_dims == 3:
+        return "nifti", ".nii.gz"
+    if float_map:
+        return "tif", ".tif"
+    return "image2d", ".bmp" if case.meta.get("suffix") == ".bmp" else ".png"
+
+
+def _target_path(out_dir: str | Path, name: str, overwrite: bool) -> Path:
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot create output folder ({_reason(exc)})") from exc
+    path = out_dir / name
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: already exists; pass overwrite=True to replace it")
+    return path
+
+
+def _write(kind: str, path: Path, arr: np.ndarray, case: Case, dataset: str) -> None:
+    if kind == "la-h5":
+        with h5py.File(path, "w") as f:
+            f.create_dataset(dataset, data=arr, compression="gzip")
+            f[dataset].attrs["spacing"] = np.asarray(case.spacing, dtype=float)
+    elif kind == "nifti":
+        affine = np.asarray(case.meta.get("affine", np.diag([*case.spacing, 1.0])), dtype=float)
+        img = nib.Nifti1Image(arr, affine)
+        img.header.set_data_dtype(arr.dtype)
+        nib.save(img, str(path))
+    elif kind == "nrrd":
+        src = case.meta.get("header") or {"spacings": list(case.spacing)}
+        header = {
+            k: (
+                np.asarray(src[k], dtype=float)
+                if k in ("space directions", "space origin", "spacings")
+                else src[k]
+            )
+            for k in _NRRD_GEOMETRY
+            if k in src
+        }
+        nrrd.write(str(path), arr, {**header, "encoding": "gzip"})
+    elif kind == "tif":
+        tifffile.imwrite(path, arr)
+    else:
+        Image.fromarray(arr, mode="L").save(path)
+
+
+def write_mask(mask: np.ndarray, case: Case, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Store a class-index mask (uint8) in the case's own format and geometry, as `<id>` + extension.
+
+    Refuses to replace an existing file unless `overwrite=True`: results must never vanish silently.
+    """
+    mask = np.asarray(mask)
+    if mask.shape != case.spatial_shape:
+        raise InputError(f"mask for case {case.id!r} has shape {mask.shape}, image has {case.spatial_shape}")
+    mask = _as_int(mask, Path(f"mask of case {case.id}"))
+    if mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise InputError(f"mask for case {case.id!r} has values outside 0..255 ({mask.min()}..{mask.max()})")
+    kind, ext = _target(case, float_map=False)
+    path = _target_path(out_dir, case.id + ext, overwrite)
+    _write(kind, path, mask.astype(np.uint8), case, "label")
+    return path
+
+
+def write_array(
+    array: np.ndarray, case: Case, out_dir: str | Path, suffix: str, *, overwrite: bool = False
+) -> Path:
+    """Store a float map (e.g. uncertainty) as `<id><suffix>` + the format's extension, float32.
+
+    3D: same format and geometry as the input (h5 dataset `data`); 2D: a float32 TIFF.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    if array.shape != case.spatial_shape:
+        raise InputError(
+            f"array for case {case.id!r} has shape {array.shape}, image has {case.spatial_shape}"
+        )
+    kind, ext = _target(case, float_map=True)
+    path = _target_path(out_dir, f"{case.id}{suffix}{ext}", overwrite)
+    _write(kind, path, array, case, "data")
+    return path

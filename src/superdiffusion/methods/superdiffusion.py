@@ -1,0 +1,269 @@
+"""SuperDiffusion (Ciampi et al., arXiv 2504.01547): a two-pathway conditional diffusion teacher,
+pre-trained without labels by cycle consistency, then co-trained with a student by cross
+pseudo-supervision, with multi-round diffusion re-synthesis of the pseudo-labels.
+
+See docs/METHOD.md (sections noted below). Masks and images live in [-1, 1] when noised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..diffusion import GaussianDiffusion
+from ..errors import InputError
+from ..nets.unet import UNet
+from .base import Batch, Method, dice_loss, linear_ramp
+
+
+def to_signal(prob: Tensor) -> Tensor:
+    """Class probabilities (or one-hot masks) in [0, 1] -> the diffusion range [-1, 1]."""
+    return prob * 2 - 1
+
+
+class DiffusionTeacher(nn.Module):
+    """The two pathways of section 1, each a time-conditioned U-Net.
+
+    mask pathway  f_m([m_t, x], t) -> clean-mask logits (x0-prediction over K classes)
+    image pathway f_x([x_t, m], t) -> the noise eps that made x_t (eps-prediction)
+    """
+
+    def __init__(self, *, dims: int, image_channels: int, num_classes: int, model_cfg: dict,
+                 diffusion_cfg: dict):
+        super().__init__()
+        unet = dict(dims=dims, channels=model_cfg["channels"], norm=model_cfg["norm"],
+                    time_embedding=model_cfg["time_embedding"])
+        self.mask_net = UNet(in_channels=num_classes + image_channels, out_channels=num_classes, **unet)
+        self.image_net = UNet(in_channels=image_channels + num_classes, out_channels=image_channels, **unet)
+        self.diffusion = GaussianDiffusion(timesteps=diffusion_cfg["timesteps"],
+                                           schedule=diffusion_cfg["schedule"])
+        self.num_classes, self.dcfg = num_classes, diffusion_cfg
+
+    def null_mask(self, x: Tensor) -> Tensor:
+        """The all-background mask that stands in where no label exists, in [-1, 1]."""
+        m = torch.full((x.shape[0], self.num_classes, *x.shape[2:]), -1.0, device=x.device, dtype=x.dtype)
+        m[:, 0] = 1.0
+        return m
+
+    def mask_logits(self, x: Tensor, t: Tensor, noise: Tensor, mask: Tensor | None = None) -> Tensor:
+        """f_m on the noised mask (null mask unless given) conditioned on the image x."""
+        m_t = self.diffusion.q_sample(self.null_mask(x) if mask is None else mask, t, noise)
+        return self.mask_net(torch.cat([m_t, x], dim=1), t)
+
+    def image_noise(self, x: Tensor, mask_signal: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """f_x on the noised image conditioned on a mask in [-1, 1]: (eps_hat, x_t)."""
+        x_t = self.diffusion.q_sample(x, t, noise)
+        return self.image_net(torch.cat([x_t, mask_signal], dim=1), t), x_t
+
+    def randn_like_mask(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.randn((x.shape[0], self.num_classes, *x.shape[2:]), generator=generator).to(x)
+
+    # ---- inference (section 5): deterministic by default -------------------------------------
+    def predict_fixed(self, x: Tensor, *, t: int, noise_seed: int) -> Tensor:
+        """One x0 pass from the noised null mask at a fixed t with seeded noise: repeatable logits."""
+        g = torch.Generator().manual_seed(noise_seed)
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        return self.mask_logits(x, tt, self.randn_like_mask(x, g))
+
+    def predict_ddim(self, x: Tensor, *, steps: int, noise_seed: int) -> Tensor:
+        """k-step DDIM from pure noise; returns log-probabilities (softmax gives them back)."""
+        g = torch.Generator().manual_seed(noise_seed)
+
+        def denoise(m_t: Tensor, t: Tensor) -> Tensor:
+            return to_signal(torch.softmax(self.mask_net(torch.cat([m_t, x], 1), t), 1))
+
+        m0 = self.diffusion.ddim_sample(denoise, (x.shape[0], self.num_classes, *x.shape[2:]), steps=steps,
+                                        generator=g, device=x.device)
+        prob = ((m0 + 1) / 2).clamp_min(1e-6)
+        return torch.log(prob / prob.sum(1, keepdim=True))
+
+    def predict_ensemble(self, x: Tensor, *, samples: int, t: int, noise_seed: int) -> tuple[Tensor, Tensor]:
+        """n fixed-t passes with different noise: mean probabilities and their per-pixel std (uncertainty)."""
+        probs = torch.stack([torch.softmax(self.predict_fixed(x, t=t, noise_seed=noise_seed + i), 1)
+                             for i in range(samples)])
+        return probs.mean(0), probs.std(0, unbiased=False)[:, 1:].amax(1, keepdim=True)
+
+    def predictor(self, mode: str | None = None) -> Callable[[Tensor], Tensor]:
+        """image batch -> logits, by the configured inference mode (fixed | ddim | ensemble)."""
+        c = self.dcfg
+        mode = mode or c["inference"]
+        if mode == "fixed":
+            return lambda x: self.predict_fixed(x, t=c["t_infer"], noise_seed=c["noise_seed"])
+        if mode == "ddim":
+            return lambda x: self.predict_ddim(x, steps=c["ddim_steps"], noise_seed=c["noise_seed"])
+        if mode == "ensemble":
+            return lambda x: torch.log(self.predict_ensemble(x, samples=c["ensemble"], t=c["t_infer"],
+                                                             noise_seed=c["noise_seed"])[0].clamp_min(1e-6))
+        raise InputError(f"diffusion.inference: unknown mode {mode!r} (fixed, ddim, ensemble)")
+
+
+def build_teacher(method: Method) -> DiffusionTeacher:
+    return DiffusionTeacher(dims=method.dims, image_channels=method.in_channels, num_classes=method.num_classes,
+                            model_cfg=method.cfg["model"], diffusion_cfg=method.cfg["diffusion"])
+
+
+class Pretrain(Method):
+    """Stage 1 (section 2): the cycle image -> mask -> image, without any label.
+
+    m_hat = f_m([noised null mask at t1, x], t1); eps_hat = f_x([x_t2, softmax(m_hat)], t2);
+    L_cyc = MSE(eps_hat, eps), back-propagated through both pathways.
+    """
+
+    name = "pretrain"
+    reads_labels = False  # the trainer serves every training image, labels stripped
+
+    def __init__(self, cfg: dict, *, teacher: DiffusionTeacher | None = None, **kw):
+        super().__init__(cfg, **kw)
+        self.teacher = teacher if teacher is not None else build_teacher(self)
+
+    def training_step(self, batch: Batch, *, step: int, total_steps: int,
+                      generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        loss = self.cycle_loss(batch["image"], generator)
+        return loss, {"cycle": loss.item()}
+
+    def cycle_loss(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        T, d = self.teacher, self.teacher.diffusion
+        t1, t2 = d.sample_timesteps(len(x), generator=generator), d.sample_timesteps(len(x), generator=generator)
+        m_hat = torch.softmax(T.mask_logits(x, t1, T.randn_like_mask(x, generator)), 1)
+        eps = torch.randn(x.shape, generator=generator).to(x)
+        eps_hat, _ = T.image_noise(x, to_signal(m_hat), t2, eps)
+        return F.mse_loss(eps_hat, eps)
+
+    def predictors(self):
+        return {"teacher": self.teacher.predictor()}
+
+
+class CoTrain(Method):
+    """Stage 2 (sections 3 and 4): teacher and student co-trained, one optimiser each.
+
+    L = L_sup + w(step) L_cps + lambda / R * sum_r (L_rec^(r) + L_align^(r))
+    L_sup: Dice (+ CE) of student and teacher on labels; L_cps: each network on the other's argmax;
+    rounds: the teacher re-synthesises the image from its own (detached) mask, then segments the
+    re-synthesis, aligned to the student's argmax (unlabelled) or the label (labelled).
+    """
+
+    name = "cotrain"
+    uses_unlabelled = True
+
+    def __init__(self, cfg: dict, **kw):
+        super().__init__(cfg, **kw)
+        sd = cfg["superdiffusion"]
+        if sd["student"] not in ("unet", "twin"):
+            raise InputError(f"superdiffusion.student: unknown {sd['student']!r} (unet, twin)")
+        if sd["round_mode"] not in ("independent", "chained"):
+            raise InputError(f"superdiffusion.round_mode: unknown {sd['round_mode']!r} (independent, chained)")
+        if not isinstance(sd["rounds"], int) or sd["rounds"] < 0:
+            raise InputError(f"superdiffusion.rounds: {sd['rounds']!r} must be an integer >= 0")
+        self.teacher = build_teacher(self)
+        self.student = build_teacher(self).mask_net if sd["student"] == "twin" else self.segmentation_net()
+        self.sup_loss = dice_loss(ce=True)
+        self.dice = dice_loss()
+        if sd["init"]:
+            self.load_teacher(sd["init"])
+
+    def load_teacher(self, path: str | Path) -> None:
+        from ..checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)["model"]
+        teacher = {k.removeprefix("teacher."): v for k, v in state.items() if k.startswith("teacher.")}
+        if not teacher:
+            raise InputError(f"{path}: holds no diffusion teacher")
+        self.teacher.load_state_dict(teacher)
+
+    def optimizer_groups(self):
+        return {"teacher": list(self.teacher.parameters()), "student": list(self.student.parameters())}
+
+    def student_logits(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if isinstance(self.student, UNet) and self.student.time_mlp is None:
+            return self.student(x)
+        T = self.teacher  # the twin: same maths as the teacher's mask pathway, its own weights
+        t = T.diffusion.sample_timesteps(len(x), generator=generator)
+        m_t = T.diffusion.q_sample(T.null_mask(x), t, T.randn_like_mask(x, generator))
+        return self.student(torch.cat([m_t, x], 1), t)
+
+    def losses(self, batch: Batch, *, step: int, total_steps: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Each term separately (tests check where each one's gradient goes)."""
+        sd, T, d = self.cfg["superdiffusion"], self.teacher, self.teacher.diffusion
+        x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
+        x, n_l = torch.cat([x_l, x_u]), len(x_l)
+        p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=generator), T.randn_like_mask(x, generator))
+        p_s = self.student_logits(x, generator)
+        pseudo_t, pseudo_s = p_t[n_l:].argmax(1).detach(), p_s[n_l:].argmax(1).detach()
+        out = {"sup": self.sup_loss(p_s[:n_l], y) + self.sup_loss(p_t[:n_l], y),
+               "cps": self.dice(p_s[n_l:], pseudo_t) + self.dice(p_t[n_l:], pseudo_s)}
+        rounds = sd["rounds"]
+        if rounds:
+            target = torch.cat([y, pseudo_s])
+            mask = torch.softmax(p_t, 1).detach()
+            rec = align = 0.0
+            for _ in range(rounds):
+                t = d.sample_timesteps(len(x), generator=generator)
+                eps = torch.randn(x.shape, generator=generator).to(x)
+                eps_hat, x_t = T.image_noise(x, to_signal(mask), t, eps)
+                rec = rec + F.mse_loss(eps_hat, eps)
+                x_r = d.predict_x0_from_eps(x_t, t, eps_hat).detach().clamp(-1, 1)
+                p_r = T.mask_logits(x_r, d.sample_timesteps(len(x), generator=generator),
+                                    T.randn_like_mask(x, generator))
+                align = align + self.dice(p_r, target)
+                if sd["round_mode"] == "chained":
+                    mask = torch.softmax(p_r, 1).detach()
+            out["rec"], out["align"] = rec / rounds, align / rounds
+        return out
+
+    def training_step(self, batch: Batch, *, step: int, total_steps: int,
+                      generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        sd = self.cfg["superdiffusion"]
+        terms = self.losses(batch, step=step, total_steps=total_steps, generator=generator)
+        w = sd["unlabelled_weight"] * linear_ramp(step, total_steps)
+        loss = terms["sup"] + w * terms["cps"]
+        if "rec" in terms:  # lambda / R per round == lambda times the per-round mean
+            loss = loss + sd["round_weight"] * (terms["rec"] + terms["align"])
+        return loss, {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "w": w}
+
+    def predictors(self):
+        student: Callable[[Tensor], Tensor] = self.student if isinstance(self.student, UNet) and \
+            self.student.time_mlp is None else self._twin_fixed
+        return {"student": student, "teacher": self.teacher.predictor()}
+
+    def _twin_fixed(self, x: Tensor) -> Tensor:
+        c = self.cfg["diffusion"]
+        g = torch.Generator().manual_seed(c["noise_seed"])
+        T = self.teacher
+        t = torch.full((len(x),), c["t_infer"], dtype=torch.long, device=x.device)
+        m_t = T.diffusion.q_sample(T.null_mask(x), t, T.randn_like_mask(x, g))
+        return self.student(torch.cat([m_t, x], 1), t)
+
+
+class SuperDiffusion(CoTrain):
+    """The whole pipeline in one run folder: stage 1 (pretrain, in `pretrain/`), then co-training."""
+
+    name = "superdiffusion"
+
+    def stages(self):
+        return [PretrainStage()] if self.cfg["superdiffusion"]["pretrained"] else []
+
+
+class PretrainStage:
+    """Runs Pretrain on this method's own teacher; skipped (weights reloaded) once finished."""
+
+    folder = "pretrain"
+
+    def run(self, method: CoTrain, cfg: dict, data, run_dir: Path, *, resume: bool, progress: bool) -> None:
+        from ..checkpoint import load_checkpoint
+        from ..engine.trainer import Trainer
+
+        stage_dir = run_dir / self.folder
+        stage = Pretrain(cfg, teacher=method.teacher, dims=method.dims, in_channels=method.in_channels,
+                         num_classes=method.num_classes)
+        if (stage_dir / "DONE").is_file():
+            stage.load_state_dict(load_checkpoint(stage_dir / "checkpoints" / "last.pt")["model"])
+            return
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        sd = cfg["superdiffusion"]
+        Trainer(stage, cfg, data, stage_dir, lr=sd["pretrain_lr"], steps=sd["pretrain_steps"], validate=False,
+                progress=progress).fit(resume=resume)
+        (stage_dir / "DONE").write_text("ok\n")
