@@ -1,0 +1,45 @@
+"""`superdiffusion demo`: the supervised baseline and SuperDiffusion on the built-in synthetic data,
+same labelled cases, same validation split, same co-training step budget, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import load_config
+from ..engine.run import mean_table, train_run
+
+COLUMNS = ("dice", "jaccard", "hd95", "asd")
+
+
+def run_demo(out: Path, *, steps: int | None = None, progress: bool = True) -> dict[str, dict]:
+    """Train both methods (resuming finished or interrupted demo runs), print and save a table."""
+    rows = {}
+    for method in ("supervised", "superdiffusion"):
+        overrides = [f"method={method}"] + ([f"train.steps={steps}"] if steps else [])
+        cfg = load_config("demo", overrides)
+        run_dir = out / method
+        if (run_dir / "DONE").is_file() and (run_dir / "results.json").is_file():
+            results = json.loads((run_dir / "results.json").read_text())
+        else:
+            results = train_run(cfg, run_dir, resume=(run_dir / "config.yaml").is_file(), progress=progress)
+        rows[method] = {**mean_table(results), "predictor": results["predictor"],
+                        "steps": results["steps"], "wall_time_s": results["wall_time_s"]}
+    split = results["split"]
+    table = format_table(rows, n_lab=len(split["labelled"]), n_unlab=len(split["unlabelled"]),
+                         n_val=len(split["val"]), seed=cfg["seed"])
+    print(table)
+    (out / "summary.md").write_text(table + "\n")
+    return rows
+
+
+def format_table(rows: dict[str, dict], *, n_lab: int, n_unlab: int, n_val: int, seed: int) -> str:
+    lines = [f"Synthetic 2D demo: {n_lab} labelled + {n_unlab} unlabelled training cases, {n_val} validation "
+             f"cases (split seed {seed}, training seed {seed}); checkpoint = best validation Dice, "
+             "threshold = argmax. Validation metrics (HD95/ASD in pixels):", "",
+             "| method | predictor | Dice | Jaccard | HD95 | ASD | steps | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['predictor']} | {r['dice']:.3f} | {r['jaccard']:.3f} | {r['hd95']:.2f} | "
+                     f"{r['asd']:.2f} | {r['steps']} | {r['wall_time_s']:.0f} |")
+    return "\n".join(lines)
