@@ -47,6 +47,15 @@ def check_config(cfg: dict) -> None:
             raise InputError(f"train.{key}: {t[key]!r} must be a positive integer")
     if not isinstance(t["lr"], int | float) or not t["lr"] > 0:
         raise InputError(f"train.lr: {t['lr']!r} must be a positive number")
+    dc = cfg["diffusion"]
+    if not isinstance(dc["timesteps"], int) or dc["timesteps"] < 1:
+        raise InputError(f"diffusion.timesteps: {dc['timesteps']!r} must be a positive integer")
+    if dc["inference"] not in ("fixed", "ddim", "ensemble"):
+        raise InputError(f"diffusion.inference: unknown {dc['inference']!r} (fixed, ddim, ensemble)")
+    for key, lo, hi in (("t_infer", 0, dc["timesteps"] - 1), ("ddim_steps", 1, dc["timesteps"]),
+                        ("ensemble", 1, 1000)):
+        if not isinstance(dc[key], int) or not lo <= dc[key] <= hi:
+            raise InputError(f"diffusion.{key}: {dc[key]!r} must be an integer in {lo}..{hi}")
     if cfg["eval"]["checkpoint"] not in ("best", "last"):
         raise InputError(f"eval.checkpoint: {cfg['eval']['checkpoint']!r} must be best or last")
 

@@ -66,7 +66,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         tc = cfg["train"]
         self.steps = int(tc["steps"] if steps is None else steps)
-        self.validate = validate and bool(data.val)
+        self.validate = validate and bool(data.val) and getattr(method, "validates", True)
         self.progress = progress
         self.optimizers = {k: build_optimizer(p, tc, lr) for k, p in method.optimizer_groups().items()}
         self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(
@@ -118,6 +118,8 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         if resume and last.exists():
             self.restore(load_checkpoint(last))
+            if self.rank == 0:
+                truncate_log(self.run_dir / "log.jsonl", self.step)
         tc = self.cfg["train"]
         log = open(self.run_dir / "log.jsonl", "a") if self.rank == 0 else None
         writer = SummaryWriter(str(self.run_dir / "tb")) if self.rank == 0 else None
@@ -156,10 +158,12 @@ class Trainer:
                     for k, v in logs.items():
                         writer.add_scalar(f"train/{k}", v, self.step)
                 done = self.step == self.steps
-                if self.validate and (done or (tc["val_every"] and self.step % tc["val_every"] == 0)):
-                    self.run_validation(writer, log)
-                if done or self.step % tc["ckpt_every"] == 0:
+                checkpoint = done or self.step % tc["ckpt_every"] == 0
+                if checkpoint:
                     self.save("last.pt")
+                if self.validate and (done or (tc["val_every"] and self.step % tc["val_every"] == 0)):
+                    if self.run_validation(writer, log) and checkpoint:
+                        self.save("last.pt")  # so that a resumed run knows the new best score
         finally:
             bar.close()
             if log is not None:
@@ -167,8 +171,8 @@ class Trainer:
                 writer.close()
         return {"step": self.step, "best_val_dice": self.best}
 
-    def run_validation(self, writer, log) -> None:
-        """Mean validation Dice of the method's default predictor; keeps best.pt."""
+    def run_validation(self, writer, log) -> bool:
+        """Validation Dice of each predictor; keeps best.pt by the best of them. True if it improved."""
         self.method.eval()
         ec = self.cfg["eval"]
         scores = {}
@@ -178,12 +182,21 @@ class Trainer:
                                       sw_batch_size=ec["sw_batch_size"], full=False)
             scores[name] = float(np.mean([m["dice"] for m in per_case.values()]))
         self.method.train()
-        if self.rank != 0:
-            return
         dice = max(scores.values())
+        improved = dice > self.best
+        if improved:
+            self.best = dice
+            self.save("best.pt")
+        if self.rank != 0:
+            return improved
         for name, v in scores.items():
             writer.add_scalar(f"val/dice_{name}", v, self.step)
         log.write(json.dumps({"step": self.step, **{f"val_dice_{k}": v for k, v in scores.items()}}) + "\n")
-        if dice > self.best:
-            self.best = dice
-            self.save("best.pt")
+        return improved
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint being resumed: they are about to be redone."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines(keepends=True) if json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(lines))

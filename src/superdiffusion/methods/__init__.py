@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ..errors import InputError
 from .base import Method
+from .baselines import BCP, CPS, UAMT, MeanTeacher
 from .superdiffusion import CoTrain, Pretrain, SuperDiffusion
 from .supervised import FullySupervised, Supervised
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FullySupervised, Pretrain, CoTrain,
-                                                        SuperDiffusion)}
+                                                        SuperDiffusion, MeanTeacher, UAMT, CPS, BCP)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -115,6 +115,7 @@ class Pretrain(Method):
 
     name = "pretrain"
     reads_labels = False  # the trainer serves every training image, labels stripped
+    validates = False  # no label is used, not even to pick a checkpoint: the last one is kept
 
     def __init__(self, cfg: dict, *, teacher: DiffusionTeacher | None = None, **kw):
         super().__init__(cfg, **kw)
@@ -172,7 +173,11 @@ class CoTrain(Method):
         teacher = {k.removeprefix("teacher."): v for k, v in state.items() if k.startswith("teacher.")}
         if not teacher:
             raise InputError(f"{path}: holds no diffusion teacher")
-        self.teacher.load_state_dict(teacher)
+        try:
+            self.teacher.load_state_dict(teacher)
+        except RuntimeError as err:
+            raise InputError(f"{path}: its teacher does not fit this config's model/diffusion settings "
+                             f"({str(err).splitlines()[0][:120]})") from err
 
     def optimizer_groups(self):
         return {"teacher": list(self.teacher.parameters()), "student": list(self.student.parameters())}

@@ -1,0 +1,231 @@
+"""Semi-supervised baselines on the shared trainer: Mean Teacher, UA-MT, CPS and BCP.
+
+Hyper-parameters are class attributes holding the values of each method's official left-atrium (LA) code
+(no config keys: subclass to change one). Ramps are per step over the whole run, as those scripts' ramps
+span all their iterations (e.g. UA-MT: 40 "epochs" of 150 iterations = its 6000). Supervised terms are
+0.5 (Dice + CE), as in those scripts, so the unlabelled weights keep their meaning. All randomness of a
+step comes from the trainer's generator (noise drawn on CPU, then moved), so resumed runs are identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .base import Batch, Method, dice_loss
+
+
+def sigmoid_ramp(step: int, total_steps: int) -> float:
+    """exp(-5 (1 - t)^2) with t = step / total_steps in [0, 1] (Laine & Aila; UA-MT's sigmoid_rampup)."""
+    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def input_noise(x: Tensor, generator: torch.Generator, std: float = 0.1, clip: float = 0.2) -> Tensor:
+    """UA-MT's teacher input noise clamp(N(0, std^2), -clip, clip), drawn on CPU from the generator."""
+    return (torch.randn(x.shape, generator=generator) * std).clamp(-clip, clip).to(x)
+
+
+@torch.no_grad()
+def forward_batch_stats(net: nn.Module, x: Tensor) -> Tensor:
+    """net(x) as the official codes run their EMA teacher (train mode: batch statistics), but on copies of
+    its buffers, so the teacher's running statistics follow the student's by EMA only."""
+    if not net.training:
+        return net(x)
+    state = {**dict(net.named_parameters()), **{k: b.clone() for k, b in net.named_buffers()}}
+    return functional_call(net, state, (x,))
+
+
+class MeanTeacher(Method):
+    """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017), as in UA-MT's LA code (Yu et al. 2019).
+
+    Student: 0.5 (Dice + CE) on labels + w(t) * MSE(softmax student(x_u), softmax teacher(x_u + noise)),
+    noise clamp(0.1 N(0, 1), -0.2, 0.2) on the teacher's input only; w(t) = consistency * exp(-5 (1 - t)^2),
+    t = step / total_steps (ramp over the whole run). Teacher: EMA of the student's parameters and
+    floating buffers (BN statistics) with decay min(1 - 1 / (step + 1), ema_decay) (the official warm-up).
+    """
+
+    name = "mean-teacher"
+    uses_unlabelled = True
+    ema_decay = 0.99
+    consistency = 0.1
+
+    def __init__(self, cfg: dict, **kw):
+        super().__init__(cfg, **kw)
+        self.student = self.segmentation_net()
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.dice_ce = dice_loss(ce=True)
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"student": list(self.student.parameters())}
+
+    def supervised(self, logits: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * self.dice_ce(logits, y)
+
+    def consistency_loss(self, logits_u: Tensor, x_u: Tensor, *, step: int, total_steps: int,
+                         generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        p_t = torch.softmax(forward_batch_stats(self.teacher, x_u + input_noise(x_u, generator)), 1)
+        return ((torch.softmax(logits_u, 1) - p_t) ** 2).mean(), {}
+
+    def training_step(self, batch: Batch, *, step: int, total_steps: int,
+                      generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
+        logits = self.student(torch.cat([x_l, x_u]))  # one batch, as the reference (shared BN statistics)
+        sup = self.supervised(logits[:len(x_l)], y)
+        cons, logs = self.consistency_loss(logits[len(x_l):], x_u, step=step, total_steps=total_steps,
+                                           generator=generator)
+        w = self.consistency * sigmoid_ramp(step, total_steps)
+        loss = sup + w * cons
+        return loss, {"loss": loss.item(), "sup": sup.item(), "cons": cons.item(), "w": w, **logs}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        alpha = min(1 - 1 / (step + 1), self.ema_decay)
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            t.mul_(alpha).add_(s, alpha=1 - alpha)
+        for t, s in zip(self.teacher.buffers(), self.student.buffers()):
+            if t.is_floating_point():
+                t.mul_(alpha).add_(s, alpha=1 - alpha)
+            else:  # BN's batch counter
+                t.copy_(s)
+
+    def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        return {"student": self.student, "teacher": self.teacher}
+
+
+class UAMT(MeanTeacher):
+    """Uncertainty-aware mean teacher (Yu et al., MICCAI 2019), as its LA code.
+
+    Mean Teacher whose consistency counts only voxels where the teacher is certain: the entropy of the
+    mean softmax of `passes` (T = 8) noisy teacher passes must lie below (0.75 + 0.25 ramp(t)) ln K;
+    consistency = sum(mask * MSE) / (K sum(mask)). Other values as MeanTeacher (consistency 0.1, EMA 0.99).
+    """
+
+    name = "ua-mt"
+    passes = 8
+
+    def consistency_loss(self, logits_u: Tensor, x_u: Tensor, *, step: int, total_steps: int,
+                         generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        K, n = self.num_classes, len(x_u)
+        p_t = torch.softmax(forward_batch_stats(self.teacher, x_u + input_noise(x_u, generator)), 1)
+        reps = x_u.repeat(self.passes, *[1] * (x_u.ndim - 1))
+        reps = reps + input_noise(reps, generator)  # T passes, two copies of the batch per forward
+        probs = torch.cat([torch.softmax(forward_batch_stats(self.teacher, c), 1) for c in reps.split(2 * n)])
+        mean = probs.view(self.passes, *p_t.shape).mean(0)
+        uncertainty = -(mean * torch.log(mean + 1e-6)).sum(1, keepdim=True)
+        threshold = (0.75 + 0.25 * sigmoid_ramp(step, total_steps)) * math.log(K)
+        mask = (uncertainty < threshold).to(p_t)
+        dist = (torch.softmax(logits_u, 1) - p_t) ** 2
+        return (mask * dist).sum() / (K * mask.sum() + 1e-16), {"certain": mask.mean().item()}
+
+
+class CPS(Method):
+    """Cross pseudo supervision (Chen et al., CVPR 2021), as SSL4MIS's 3D code used for LA comparisons.
+
+    Two U-Nets, Kaiming- and Xavier-normal initialised, one optimiser each; each gets 0.5 (Dice + CE) on
+    labels plus w(t) * CE against the other's argmax on every image of the step (labelled and unlabelled,
+    as the paper); w(t) = cps_weight * exp(-5 (1 - t)^2) over the run (SSL4MIS: 0.1; the paper's VOC 1.5).
+    Predictors: net1 (the paper infers with one branch), net2, and the ensemble of their probabilities.
+    """
+
+    name = "cps"
+    uses_unlabelled = True
+    cps_weight = 0.1
+
+    def __init__(self, cfg: dict, **kw):
+        super().__init__(cfg, **kw)
+        self.net1, self.net2 = self.segmentation_net(), self.segmentation_net()
+        for net, init in ((self.net1, nn.init.kaiming_normal_), (self.net2, nn.init.xavier_normal_)):
+            for m in net.modules():
+                if isinstance(m, nn.Conv2d | nn.Conv3d):
+                    init(m.weight)
+        self.dice_ce = dice_loss(ce=True)
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"net1": list(self.net1.parameters()), "net2": list(self.net2.parameters())}
+
+    def training_step(self, batch: Batch, *, step: int, total_steps: int,
+                      generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x_l, y = batch["image"], batch["label"]
+        x, n = torch.cat([x_l, batch["unlabelled"]]), len(x_l)
+        o1, o2 = self.net1(x), self.net2(x)
+        sup = 0.5 * (self.dice_ce(o1[:n], y) + self.dice_ce(o2[:n], y))
+        cps = F.cross_entropy(o1, o2.argmax(1).detach()) + F.cross_entropy(o2, o1.argmax(1).detach())
+        w = self.cps_weight * sigmoid_ramp(step, total_steps)
+        loss = sup + w * cps
+        return loss, {"loss": loss.item(), "sup": sup.item(), "cps": cps.item(), "w": w}
+
+    def ensemble(self, x: Tensor) -> Tensor:
+        p = (torch.softmax(self.net1(x), 1) + torch.softmax(self.net2(x), 1)) / 2
+        return torch.log(p.clamp_min(1e-6))
+
+    def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        return {"net1": self.net1, "net2": self.net2, "ensemble": self.ensemble}
+
+
+def box_mask(spatial: tuple[int, ...], ratio: float, generator: torch.Generator) -> Tensor:
+    """BCP's context_mask: 1 everywhere but 0 in a box of `ratio` of each side at a random position."""
+    mask = torch.ones(spatial)
+    box = []
+    for s in spatial:
+        b = int(s * ratio)
+        start = int(torch.randint(0, max(s - b, 1), (1,), generator=generator))
+        box.append(slice(start, start + b))
+    mask[tuple(box)] = 0
+    return mask
+
+
+def masked_dice_ce(logits: Tensor, target: Tensor, mask: Tensor, smooth: float = 1e-5) -> Tensor:
+    """BCP's per-region term, Dice (all classes, per image, their mask_DiceLoss) + CE, over mask = 1."""
+    prob = torch.softmax(logits, 1).flatten(2)
+    onehot = F.one_hot(target.flatten(1), logits.shape[1]).transpose(1, 2).to(prob)
+    m = mask.flatten(1)[:, None]
+    dice = (2 * (prob * onehot * m).sum(2) + smooth) / (((prob + onehot) * m).sum(2) + smooth)
+    ce = (F.cross_entropy(logits, target, reduction="none") * mask).sum() / (mask.sum() + 1e-16)
+    return 1 - dice.mean() + ce
+
+
+class BCP(MeanTeacher):
+    """Bidirectional copy-paste (Bai et al., CVPR 2023), the self-training stage of its LA code.
+
+    The EMA teacher's argmax pseudo-labels the unlabelled images; a box of box_ratio (2/3) of each side, at a
+    random position, is pasted from an unlabelled image into a labelled one and from a labelled image into
+    an unlabelled one; the student learns both mixes with (Dice + CE) / 2 against the same mix of (label,
+    pseudo-label), unlabelled regions weighted u_weight (0.5). Pairs: labelled i with unlabelled i mod Bu
+    and back, so every image of both streams is used. Differences from the reference: no labelled-only
+    copy-paste pre-training stage (the teacher starts as a copy of the student, with the Mean Teacher EMA
+    warm-up), no largest-component filtering of the pseudo-labels; EMA decay 0.99 as theirs.
+    """
+
+    name = "bcp"
+    box_ratio = 2 / 3
+    u_weight = 0.5
+
+    def mix_loss(self, logits: Tensor, outside: Tensor, inside: Tensor, mask: Tensor, *,
+                 outside_weight: float, inside_weight: float) -> Tensor:
+        return (outside_weight * masked_dice_ce(logits, outside, mask)
+                + inside_weight * masked_dice_ce(logits, inside, 1 - mask)) / 2
+
+    def training_step(self, batch: Batch, *, step: int, total_steps: int,
+                      generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
+        pseudo = forward_batch_stats(self.teacher, x_u).argmax(1)
+        mask = box_mask(tuple(x_l.shape[2:]), self.box_ratio, generator).to(x_l)
+        dev = x_l.device
+        to_u, to_l = torch.arange(len(x_l), device=dev) % len(x_u), torch.arange(len(x_u), device=dev) % len(x_l)
+        m_x = mask[None, None]
+        mix_l = x_l * m_x + x_u[to_u] * (1 - m_x)  # labelled image, unlabelled box
+        mix_u = x_u * m_x + x_l[to_l] * (1 - m_x)  # unlabelled image, labelled box
+        m_l, m_u = mask.expand(len(x_l), *mask.shape), mask.expand(len(x_u), *mask.shape)
+        loss_l = self.mix_loss(self.student(mix_l), y, pseudo[to_u], m_l, outside_weight=1.0,
+                               inside_weight=self.u_weight)
+        loss_u = self.mix_loss(self.student(mix_u), pseudo, y[to_l], m_u, outside_weight=self.u_weight,
+                               inside_weight=1.0)
+        loss = loss_l + loss_u
+        return loss, {"loss": loss.item(), "loss_l": loss_l.item(), "loss_u": loss_u.item()}

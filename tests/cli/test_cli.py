@@ -1,0 +1,293 @@
+"""The command line, in-process: help texts, train -> evaluate -> predict on LA-h5 data written here, and
+every bad input answered by exit status 2 and exactly one `error:` line naming the file or value."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from superdiffusion.cli.main import build_parser, main
+from superdiffusion.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
+OPTIONS = {
+    None: ["--help", "train", "evaluate", "predict", "demo"],
+    "train": ["--help", "config", "--set", "--out", "--resume", "--no-progress"],
+    "evaluate": ["--help", "run", "--data", "--list", "--format", "--pred", "--gt", "--num-classes", "--checkpoint",
+                 "--predictor", "--out"],
+    "predict": ["--help", "run", "INPUT", "--out", "--checkpoint", "--predictor"],
+    "demo": ["--help", "--out", "--steps", "--no-progress"],
+}
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _one_error_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    for n in needles:
+        assert str(n) in lines[0], f"{n!r} not named in: {lines[0]}"
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", list(OPTIONS))
+def test_help_exits_zero_and_mentions_every_option(command, capsys):
+    argv = ([command] if command else []) + ["--help"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in OPTIONS[command]:
+        assert option in out, f"{option} missing from `{' '.join(argv)}`"
+
+
+def test_help_lists_every_parser_option(capsys):
+    """Every option the parser defines is in the table above (so the help test covers new ones)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        defined = {s for a in p._actions for s in a.option_strings if s.startswith("--")}
+        assert defined <= set(OPTIONS[name]), (name, defined - set(OPTIONS[name]))
+
+
+# --------------------------------------------------------------------------------------- a trained run
+def _train_argv(run: Path, overrides: list[str]) -> list[str]:
+    return ["train", "demo", "--out", str(run), "--no-progress", *_sets(overrides)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, la_root, la_sets) -> Path:
+    """A supervised 2D run on slices of the session's LA-h5 dataset, trained through the CLI."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(_train_argv(run, la_sets(la_root))) == 0
+    assert (run / "results.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    return run
+
+
+def test_train_prints_a_summary(tmp_path, la_root, la_sets, capsys):
+    run = tmp_path / "run"
+    assert main(_train_argv(run, la_sets(la_root, "train.steps=2"))) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["run"] == str(run) and summary["predictor"] == "student"
+    assert set(METRICS) <= set(summary)
+    assert json.loads((run / "split.json").read_text())["labelled"]
+
+
+def test_evaluate_run_on_data_with_list(trained, la_root, tmp_path, capsys):
+    ids = ["synth001", "synth004", "synth006"]
+    list_file = tmp_path / "eval.list"
+    list_file.write_text("\n".join(ids) + "\n")
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(trained), "--data", str(la_root), "--list", str(list_file), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["per_case"]) == set(ids) and report["n_cases"] == 3
+    for m in report["per_case"].values():
+        assert set(METRICS) <= set(m) and all(np.isfinite(m[k]) for k in METRICS)
+    assert set(report["mean"]) == set(METRICS)
+    assert report["mean"]["dice"] == pytest.approx(np.mean([report["per_case"][i]["dice"] for i in ids]))
+    assert json.loads(capsys.readouterr().out) == report["mean"]  # with --out, the means go to stdout
+    # without --list every case is scored; without --out the whole report is printed
+    assert main(["evaluate", str(trained), "--data", str(la_root)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n_cases"] == 8 and set(printed["per_case"]) == {f"synth{k:03d}" for k in range(8)}
+
+
+def _png_mask(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((mask * 255).astype(np.uint8)).save(path)
+
+
+def test_evaluate_mask_folders(tmp_path, capsys):
+    cases = make_synthetic_dataset(3, dims=2, shape=(32, 32))
+    for c in cases:
+        _png_mask(tmp_path / "gt" / f"{c.id}.png", c.label)
+    _png_mask(tmp_path / "pred" / "synth000.png", cases[0].label)  # perfect
+    _png_mask(tmp_path / "pred" / "synth001.png", np.roll(cases[1].label, 3, axis=0))  # shifted
+    _png_mask(tmp_path / "pred" / "synth002.png", np.zeros((32, 32), np.int64))  # missed
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    pc = report["per_case"]
+    assert set(pc) == {"synth000", "synth001", "synth002"}
+    assert pc["synth000"]["dice"] == 1.0 and pc["synth000"]["hd95"] == 0.0
+    assert 0 < pc["synth001"]["dice"] < 1 and pc["synth001"]["hd95"] > 0
+    assert pc["synth002"]["dice"] == 0.0
+    assert set(report["mean"]) == set(METRICS)
+    assert report["mean"]["jaccard"] == pytest.approx(np.mean([pc[k]["jaccard"] for k in pc]))
+    # a ground-truth case without prediction is an error naming the prediction folder
+    (tmp_path / "pred" / "synth002.png").unlink()
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 2
+    _one_error_line(capsys, tmp_path / "pred", "synth002")
+
+
+def test_predict_writes_masks_in_the_inputs_format(trained, la_root, tmp_path, capsys):
+    out = tmp_path / "masks"
+    h5_input = la_root / "synth003" / "mri_norm2.h5"
+    vol = write_synthetic_dataset(tmp_path / "vol", 1, dims=3, shape=(16, 16, 12), fmt="volumes")
+    nii_input = vol / "images" / "synth000.nii.gz"
+    assert main(["predict", str(trained), str(h5_input), str(nii_input), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted([str(out / "synth003.h5"), str(out / "synth000.nii.gz")])
+    with h5py.File(out / "synth003.h5", "r") as f, h5py.File(h5_input, "r") as src:
+        mask = f["label"][()]
+        assert mask.shape == src["image"].shape == (16, 16, 16)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    nii, src = nib.load(str(out / "synth000.nii.gz")), nib.load(str(nii_input))
+    assert nii.shape == src.shape == (16, 16, 12)
+    assert np.allclose(nii.affine, src.affine)
+    assert set(np.unique(np.asarray(nii.dataobj))) <= {0, 1}
+
+    # never overwrite: a second predict into the same folder is refused and changes nothing
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(["predict", str(trained), str(h5_input), "--out", str(out)]) == 2
+    _one_error_line(capsys, out, "synth003")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_predict_a_folder_of_cases(trained, la_root, tmp_path, capsys):
+    out = tmp_path / "masks"
+    assert main(["predict", str(trained), str(la_root), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"synth{k:03d}.h5" for k in range(8)]
+
+
+# --------------------------------------------------------------------------------------- bad inputs
+def _la_copy(tmp_path: Path, n: int = 4) -> Path:
+    return write_synthetic_dataset(tmp_path / "LA", n, dims=3, shape=(16, 16, 16), fmt="la")
+
+
+def _rewrite(path: Path, **datasets) -> None:
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in f}
+    data.update(datasets)
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+
+
+def _train_fails(capsys, run: Path, overrides: list[str], *needles) -> str:
+    assert main(_train_argv(run, overrides)) == 2
+    line = _one_error_line(capsys, *needles)
+    assert not run.exists(), "a run folder was created before the input was checked"
+    return line
+
+
+def test_missing_config_file(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert main(["train", str(missing), "--out", str(tmp_path / "run")]) == 2
+    _one_error_line(capsys, missing)
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    _train_fails(capsys, tmp_path / "run", ["train.stepz=3"], "train.stepz")
+
+
+def test_data_root_missing(tmp_path, la_sets, capsys):
+    root = tmp_path / "no-such-dir"
+    _train_fails(capsys, tmp_path / "run", la_sets(root), root, "does not exist")
+
+
+def test_empty_dataset_folder(tmp_path, la_sets, capsys):
+    root = tmp_path / "empty"
+    root.mkdir()
+    _train_fails(capsys, tmp_path / "run", la_sets(root), root)
+
+
+def test_list_naming_a_missing_case(tmp_path, la_root, la_sets, capsys):
+    list_file = tmp_path / "cases.list"
+    list_file.write_text("synth000\nsynth001\nghost042\n")
+    _train_fails(capsys, tmp_path / "run", la_sets(la_root, f"data.list={list_file}"), "ghost042", list_file)
+
+
+def test_missing_list_file(tmp_path, la_root, la_sets, capsys):
+    list_file = tmp_path / "nope.list"
+    _train_fails(capsys, tmp_path / "run", la_sets(la_root, f"data.list={list_file}"), list_file)
+
+
+@pytest.mark.parametrize(("labelled", "needles"), [
+    (0, ["split.labelled: 0", "zero cases"]),
+    (7, ["split.labelled: 7", "only 6"]),  # 8 cases, 2 for validation: 6 training cases
+    (99, ["split.labelled: 99", "only 6"]),
+])
+def test_labelled_count_out_of_range(tmp_path, la_root, la_sets, capsys, labelled, needles):
+    _train_fails(capsys, tmp_path / "run", la_sets(la_root, f"split.labelled={labelled}"), *needles)
+
+
+def test_every_training_case_labelled_is_fine(tmp_path, la_root, la_sets):
+    assert main(_train_argv(tmp_path / "run", la_sets(la_root, "split.labelled=6", "train.steps=1"))) == 0
+
+
+def test_image_with_nan(tmp_path, la_sets, capsys):
+    root = _la_copy(tmp_path)
+    bad = root / "synth002" / "mri_norm2.h5"
+    with h5py.File(bad, "r") as f:
+        image = f["image"][()]
+    image[3, 4, 5] = np.nan
+    _rewrite(bad, image=image)
+    _train_fails(capsys, tmp_path / "run", la_sets(root, "split.val=1", "split.labelled=3"), bad, "NaN")
+
+
+def test_image_label_shape_mismatch(tmp_path, la_sets, capsys):
+    root = _la_copy(tmp_path)
+    bad = root / "synth001" / "mri_norm2.h5"
+    _rewrite(bad, label=np.zeros((16, 16, 15), np.uint8))
+    _train_fails(capsys, tmp_path / "run", la_sets(root, "split.val=1", "split.labelled=3"), bad,
+                 "(16, 16, 15)", "(16, 16, 16)")
+
+
+def test_label_value_out_of_range(tmp_path, la_sets, capsys):
+    root = _la_copy(tmp_path)
+    bad = root / "synth000" / "mri_norm2.h5"
+    with h5py.File(bad, "r") as f:
+        label = f["label"][()]
+    label[0, 0, 0] = 3
+    _rewrite(bad, label=label)
+    _train_fails(capsys, tmp_path / "run", la_sets(root, "split.val=1", "split.labelled=3"), bad, "3",
+                 "num_classes=2")
+
+
+def test_train_into_existing_non_empty_run(tmp_path, la_root, la_sets, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me\n")
+    assert main(_train_argv(run, la_sets(la_root))) == 2
+    _one_error_line(capsys, run, "not empty")
+    assert [p.name for p in run.iterdir()] == ["notes.txt"] and (run / "notes.txt").read_text() == "keep me\n"
+
+
+def test_resume_with_a_different_config(trained, la_root, la_sets, capsys):
+    before = {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()}
+    assert main([*_train_argv(trained, la_sets(la_root, "train.lr=0.5")), "--resume"]) == 2
+    _one_error_line(capsys, trained, "train.lr")
+    assert {p: p.stat().st_mtime_ns for p in trained.rglob("*") if p.is_file()} == before
+
+
+def test_predict_with_missing_run_folder(tmp_path, la_root, capsys):
+    missing = tmp_path / "no-run"
+    h5_input = la_root / "synth000" / "mri_norm2.h5"
+    assert main(["predict", str(missing), str(h5_input), "--out", str(tmp_path / "out")]) == 2
+    _one_error_line(capsys, missing)
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_missing_input_file(trained, tmp_path, capsys):
+    missing = tmp_path / "nope.nii.gz"
+    assert main(["predict", str(trained), str(missing), "--out", str(tmp_path / "out")]) == 2
+    _one_error_line(capsys, missing)
+
+
+def test_evaluate_with_missing_run_folder_and_bad_arguments(tmp_path, la_root, capsys):
+    missing = tmp_path / "no-run"
+    assert main(["evaluate", str(missing), "--data", str(la_root)]) == 2
+    _one_error_line(capsys, missing)
+    assert main(["evaluate", "--pred", str(tmp_path)]) == 2
+    _one_error_line(capsys, "--gt")
