@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 
 from ..data.pipeline import SUFFIX_FORMATS, file_suffix, input_refs, load_cases
-from ..data.readers import load_case, read_mask, write_mask
+from ..data.readers import load_case, read_mask, write_array, write_mask
 from ..errors import InputError
 from .inference import segment
 from .metrics import METRICS, case_metrics, summarize
@@ -61,14 +61,31 @@ def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 2) -> dict:
     return report(per_case, pred=str(pred_dir), gt=str(gt_dir))
 
 
-def predict_files(run_dir, inputs, out_dir, *, checkpoint=None, predictor=None) -> list[Path]:
-    """Segment each input and write its mask next to the others in out_dir, in the input's format."""
+def predict_files(run_dir, inputs, out_dir, *, checkpoint=None, predictor=None, mode=None, ddim_steps=None,
+                  samples=None, noise_seed=None, uncertainty: bool = False) -> list[Path]:
+    """Segment each input and write its mask (and optional uncertainty map) in the input's own format.
+
+    predictor: student | teacher (default: the run's choice on validation); mode: the teacher's
+    inference (fixed, ddim, ensemble). uncertainty: the std of `samples` teacher passes, as a float map.
+    """
     run = load_run(run_dir, checkpoint=checkpoint, predictor=predictor)
+    if (mode or uncertainty) and not hasattr(run.method, "teacher"):
+        raise InputError(f"{run_dir}: --mode/--uncertainty need a diffusion teacher; {run.cfg['method']} has none")
+    if mode and run.predictor != "teacher":
+        raise InputError(f"--mode {mode}: applies to the teacher; add --predictor teacher")
     refs = input_refs(inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    clashes = [r for r in refs if any(out_dir.glob(f"{r.id}.*"))]
+    clashes = [r for r in refs if any(out_dir.glob(f"{r.id}.*")) or any(out_dir.glob(f"{r.id}_uncertainty.*"))]
     if clashes:
         raise InputError(f"{out_dir}: a mask for {clashes[0].id} exists already; choose another --out")
-    cases = [load_case(r, with_label=False) for r in refs]
-    return [write_mask(segment(run.probabilities(c)), c, out_dir) for c in cases]
+    cases = [load_case(r, with_label=False) for r in refs]  # every input read and checked first
+    fn = run.teacher(mode, steps=ddim_steps, samples=samples, noise_seed=noise_seed) if mode else None
+    written = []
+    for case in cases:
+        written.append(write_mask(segment(run.probabilities(case, fn=fn)), case, out_dir))
+        if uncertainty:
+            _, spread = run.uncertainty(case, samples=samples or run.cfg["diffusion"]["ensemble"],
+                                        noise_seed=noise_seed)
+            written.append(write_array(spread, case, out_dir, "_uncertainty"))
+    return written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,23 @@ class LoadedRun:
     predictor: str  # which of method.predictors() to use
     checkpoint: Path
 
-    def probabilities(self, case: Case, predictor: str | None = None) -> np.ndarray:
-        fn = self.method.predictors()[predictor or self.predictor]
+    def teacher(self, mode: str | None = None, **options) -> Callable:
+        """The diffusion teacher's logits function in a given inference mode (fixed, ddim, ensemble)."""
+        teacher = getattr(self.method, "teacher", None)
+        if teacher is None:
+            raise InputError(f"{self.checkpoint}: method {self.cfg['method']} has no diffusion teacher")
+        return teacher.predictor(mode, **options)
+
+    def uncertainty(self, case: Case, *, samples: int, noise_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean probabilities of n teacher samples and the per-voxel std of the foreground probability."""
+        seed = self.cfg["diffusion"]["noise_seed"] if noise_seed is None else noise_seed
+        probs = np.stack([self.probabilities(case, fn=self.teacher("fixed", noise_seed=seed + i))
+                          for i in range(samples)])
+        return probs.mean(0), probs.std(0)[1:].max(0)
+
+    def probabilities(self, case: Case, predictor: str | None = None, fn: Callable | None = None) -> np.ndarray:
+        """Class probabilities at the case's resolution, by a named predictor or a given logits function."""
+        fn = fn or self.method.predictors()[predictor or self.predictor]
         ec = self.cfg["eval"]
         return predict_probabilities(fn, case, data_cfg=self.cfg["data"], dims=self.cfg["data"]["dims"],
                                      patch=self.cfg["train"]["patch"], overlap=ec["overlap"],

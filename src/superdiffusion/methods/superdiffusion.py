@@ -87,17 +87,19 @@ class DiffusionTeacher(nn.Module):
                              for i in range(samples)])
         return probs.mean(0), probs.std(0, unbiased=False)[:, 1:].amax(1, keepdim=True)
 
-    def predictor(self, mode: str | None = None) -> Callable[[Tensor], Tensor]:
-        """image batch -> logits, by the configured inference mode (fixed | ddim | ensemble)."""
+    def predictor(self, mode: str | None = None, *, steps: int | None = None, samples: int | None = None,
+                  noise_seed: int | None = None) -> Callable[[Tensor], Tensor]:
+        """image batch -> logits by inference mode (fixed | ddim | ensemble); unset values from the config."""
         c = self.dcfg
-        mode = mode or c["inference"]
+        mode, seed, t = mode or c["inference"], c["noise_seed"] if noise_seed is None else noise_seed, c["t_infer"]
+        steps, samples = steps or c["ddim_steps"], samples or c["ensemble"]
         if mode == "fixed":
-            return lambda x: self.predict_fixed(x, t=c["t_infer"], noise_seed=c["noise_seed"])
+            return lambda x: self.predict_fixed(x, t=t, noise_seed=seed)
         if mode == "ddim":
-            return lambda x: self.predict_ddim(x, steps=c["ddim_steps"], noise_seed=c["noise_seed"])
+            return lambda x: self.predict_ddim(x, steps=steps, noise_seed=seed)
         if mode == "ensemble":
-            return lambda x: torch.log(self.predict_ensemble(x, samples=c["ensemble"], t=c["t_infer"],
-                                                             noise_seed=c["noise_seed"])[0].clamp_min(1e-6))
+            return lambda x: torch.log(self.predict_ensemble(x, samples=samples, t=t, noise_seed=seed)[0]
+                                       .clamp_min(1e-6))
         raise InputError(f"diffusion.inference: unknown mode {mode!r} (fixed, ddim, ensemble)")
 
 
