@@ -55,12 +55,58 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder (existing mask files are never overwritten)")
     pr.add_argument("--checkpoint", choices=["best", "last"], help="default: the run's choice")
     pr.add_argument("--predictor", help="student or teacher (default: the run's choice on validation)")
+    pr.add_argument("--mode", choices=["fixed", "ddim", "ensemble"],
+                    help="teacher inference: one pass at a fixed t with fixed noise (default, repeatable), k-step "
+                         "DDIM, or the mean of an ensemble of n passes (needs --predictor teacher)")
+    pr.add_argument("--ddim-steps", type=int, help="k for --mode ddim (default: the run's diffusion.ddim_steps)")
+    pr.add_argument("--samples", type=int, help="n for --mode ensemble and --uncertainty (default diffusion.ensemble)")
+    pr.add_argument("--noise-seed", type=int, help="seed of the teacher's noise (default diffusion.noise_seed)")
+    pr.add_argument("--uncertainty", action="store_true",
+                    help="also write <id>_uncertainty: the per-voxel std of the foreground probability over the "
+                         "teacher's n samples (float map in the input's format; .tif for 2D)")
 
     d = sub.add_parser("demo", help="the main job on built-in synthetic data, with a result table",
                        description="Trains on the built-in synthetic data and prints validation metrics.")
     d.add_argument("--out", default="demo-run", help="folder for the demo's runs (default: demo-run)")
     d.add_argument("--steps", type=int, help="override the training steps (quick look)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bench", help="benchmark methods x labelled fractions x seeds under a named protocol",
+                       description="Runs every method at every labelled fraction and seed under a protocol, then "
+                                   "writes results.csv (per case), summary.md (mean ± std over seeds, Wilcoxon "
+                                   "tests vs superdiffusion), PNG plots and the run folders into --out. Re-running "
+                                   "the same command skips finished runs and resumes interrupted ones.")
+    b.add_argument("--protocol", required=True, metavar="NAME",
+                   help="shipped protocol (la2d-cpu, la3d-cpu, la3d-full, synthetic) or a protocol YAML file")
+    b.add_argument("--methods", metavar="A,B,...",
+                   help="comma-separated methods (supervised, fully-supervised, mean-teacher, ua-mt, cps, bcp, "
+                        "superdiffusion, ...); default: the protocol's list")
+    b.add_argument("--fractions", metavar="F,...",
+                   help="labelled fractions of the training pool, e.g. 0.1,0.2 (values >= 1 are case counts); "
+                        "default: the protocol's")
+    b.add_argument("--seeds", metavar="S,...",
+                   help="seeds, e.g. 0,1,2; each sets both the training seed and the split seed "
+                        "(default: the protocol's)")
+    b.add_argument("--out", required=True, help="output folder (re-use it to resume a benchmark)")
+    b.add_argument("--ablation", metavar="NAME[,NAME]",
+                   help="also run the protocol's ablation variants as extra methods with their own table and "
+                        "plot: teacher (cycle pre-trained vs not; teacher vs student predictions) and/or rounds "
+                        "(R, independent vs chained)")
+    b.add_argument("--train-data", metavar="DIR", help="training dataset folder (default: the protocol's data.root)")
+    b.add_argument("--train-list", metavar="FILE",
+                   help="list of training case ids (default: the protocol's list with its data, every case "
+                        "of --train-data otherwise)")
+    b.add_argument("--test-data", metavar="DIR",
+                   help="separate test set folder: every case is checked before training and every method is "
+                        "evaluated on it (default: evaluate on the validation split carved from the training "
+                        "cases, as summary.md then says)")
+    b.add_argument("--test-list", metavar="FILE", help="list of test case ids in --test-data (default: all cases)")
+    b.add_argument("--steps", type=int, metavar="N",
+                   help="override every run's train.steps (and cap superdiffusion pre-training at N), "
+                        "for quick looks")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a protocol config value for every run, e.g. --set train.threads=1 (repeatable)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -78,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args) -> int:
     from ..config import load_config
+    from ..engine import distributed
     from ..engine.run import mean_table, train_run
     from ..engine.trainer import NonFiniteLossError
 
@@ -88,6 +135,8 @@ def cmd_train(args) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()
     if "val" in results:
         print(json.dumps({"run": str(out), "predictor": results["predictor"], **mean_table(results)}))
     return 0
@@ -115,8 +164,9 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from ..evaluation.evaluate import predict_files
 
-    for path in predict_files(args.run, args.inputs, args.out, checkpoint=args.checkpoint,
-                              predictor=args.predictor):
+    for path in predict_files(args.run, args.inputs, args.out, checkpoint=args.checkpoint, predictor=args.predictor,
+                              mode=args.mode, ddim_steps=args.ddim_steps, samples=args.samples,
+                              noise_seed=args.noise_seed, uncertainty=args.uncertainty):
         print(path)
     return 0
 
@@ -128,4 +178,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}
+def cmd_bench(args) -> int:
+    from ..bench import run_bench
+
+    try:
+        bench = run_bench(args.protocol, out=args.out, methods=args.methods, fractions=args.fractions,
+                          seeds=args.seeds, ablation=args.ablation, train_data=args.train_data,
+                          train_list=args.train_list, test_data=args.test_data, test_list=args.test_list,
+                          steps=args.steps, overrides=args.overrides, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    for failure in bench.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if bench.failures else 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
+            "bench": cmd_bench}

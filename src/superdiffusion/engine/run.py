@@ -23,6 +23,8 @@ from ..errors import InputError
 from ..evaluation.inference import evaluate_cases
 from ..evaluation.metrics import summarize
 from ..methods import build_method, method_class
+from ..methods.base import Stage
+from . import distributed
 from .trainer import Trainer
 
 DONE = "DONE"
@@ -98,19 +100,37 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
         torch.set_num_threads(int(cfg["train"]["threads"]))
     cls = method_class(cfg["method"])
     data = build_data(cfg, all_labelled=getattr(cls, "all_labelled", False))  # every input checked here
-    prepare_run_dir(cfg, run_dir, resume=resume)
-    write_split(data.split, run_dir / "split.json")
+    rank, _ = distributed.init()
+    if rank == 0:
+        prepare_run_dir(cfg, run_dir, resume=resume)
+        write_split(data.split, run_dir / "split.json")
+    distributed.barrier()
     t0 = time.perf_counter()
     torch.manual_seed(cfg["seed"])
     method = build_method(cfg, in_channels=data.in_channels)
-    for stage in getattr(method, "stages", lambda: [])():  # earlier stages of a pipeline (pretrain)
-        stage.run(method, cfg, data, run_dir, resume=resume, progress=progress)
+    for stage in method.stages():  # earlier stages of a pipeline (SuperDiffusion's pre-training)
+        run_stage(stage, cfg, data, run_dir / stage.folder, resume=resume, progress=progress)
     summary = Trainer(method, cfg, data, run_dir, progress=progress).fit(resume=resume)
+    if rank != 0:  # rank 0 alone evaluates and records
+        return {"steps": summary["step"], "rank": rank}
     results = final_evaluation(method, cfg, data, run_dir)
     results.update(steps=summary["step"], wall_time_s=round(time.perf_counter() - t0, 1))
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     (run_dir / DONE).write_text("ok\n")
     return results
+
+
+def run_stage(stage: Stage, cfg: dict, data: DataBundle, stage_dir: Path, *, resume: bool, progress: bool) -> None:
+    """Train a pipeline stage in its sub-folder; once finished (DONE), later runs just reload it."""
+    if (stage_dir / DONE).is_file():
+        stage.method.load_state_dict(load_checkpoint(stage_dir / "checkpoints" / "last.pt")["model"])
+        return
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    Trainer(stage.method, cfg, data, stage_dir, lr=stage.lr, steps=stage.steps, validate=False,
+            progress=progress).fit(resume=resume)
+    if distributed.rank_world()[0] == 0:
+        (stage_dir / DONE).write_text("ok\n")
+    distributed.barrier()
 
 
 def final_evaluation(method, cfg: dict, data: DataBundle, run_dir: Path) -> dict:

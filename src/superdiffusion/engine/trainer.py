@@ -23,6 +23,7 @@ from ..data.pipeline import DataBundle, PatchSampler
 from ..errors import InputError
 from ..evaluation.inference import evaluate_cases
 from ..methods.base import Method
+from . import distributed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,9 +87,13 @@ class Trainer:
                 raise InputError("this method needs unlabelled cases, but the split left none "
                                  "(lower split.labelled)")
             self.unlabelled = PatchSampler(data.unlabelled, stream=1, **common)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator()  # re-seeded from (seed, step, rank) before every step
         self.step, self.best = 0, -1.0
-        self.rank, self.world = 0, 1
+        self.rank, self.world = distributed.rank_world()
+        self.model = method  # what the step is called through: DDP averages the gradients across ranks
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -96,7 +101,7 @@ class Trainer:
                 "best": self.best, "model": self.method.state_dict(),
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-                "rng": {**rng_state(), "trainer": self.generator.get_state()},
+                "rng": rng_state(),
                 "in_channels": self.data.in_channels, "num_classes": self.method.num_classes}
 
     def save(self, name: str) -> None:
@@ -110,7 +115,6 @@ class Trainer:
         for k, s in self.schedulers.items():
             s.load_state_dict(payload["schedulers"][k])
         set_rng_state(payload["rng"])
-        self.generator.set_state(payload["rng"]["trainer"])
         self.step, self.best = int(payload["step"]), float(payload["best"])
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -133,8 +137,8 @@ class Trainer:
                 if self.unlabelled is not None:
                     batch["unlabelled"] = self.unlabelled.batch(
                         self.step, tc["unlabelled_batch_size"], rank=self.rank)["image"]
-                loss, logs = self.method.training_step(batch, step=self.step, total_steps=self.steps,
-                                                       generator=self.generator)
+                self.generator.manual_seed(hash_seed(self.seed, self.step, self.rank))
+                loss, logs = self.model(batch, step=self.step, total_steps=self.steps, generator=self.generator)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"step {self.step}: loss is {loss.item()}; stopped, last good checkpoint kept in "
@@ -176,10 +180,12 @@ class Trainer:
         self.method.eval()
         ec = self.cfg["eval"]
         scores = {}
+        cases = distributed.shard(self.data.val, self.rank, self.world)
         for name, fn in self.method.predictors().items():
-            per_case = evaluate_cases(fn, self.data.val, data_cfg=self.cfg["data"], dims=self.cfg["data"]["dims"],
+            per_case = evaluate_cases(fn, cases, data_cfg=self.cfg["data"], dims=self.cfg["data"]["dims"],
                                       patch=self.cfg["train"]["patch"], overlap=ec["overlap"],
                                       sw_batch_size=ec["sw_batch_size"], full=False)
+            per_case = distributed.gather_dict(per_case)
             scores[name] = float(np.mean([m["dice"] for m in per_case.values()]))
         self.method.train()
         dice = max(scores.values())
@@ -200,3 +206,8 @@ def truncate_log(path: Path, step: int) -> None:
     if path.is_file():
         lines = [ln for ln in path.read_text().splitlines(keepends=True) if json.loads(ln).get("step", 0) <= step]
         path.write_text("".join(lines))
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers: every (seed, step, rank) gets its own random stream."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))

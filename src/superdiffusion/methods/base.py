@@ -8,6 +8,7 @@ class; adding one never copies a training loop.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from monai.losses import DiceCELoss, DiceLoss
@@ -43,12 +44,32 @@ class Method(nn.Module):
         """The loss to back-propagate and the numbers to log."""
         raise NotImplementedError
 
+    def forward(self, batch: Batch, *, step: int, total_steps: int,
+                generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """The training step, as a forward pass so DistributedDataParallel can wrap the whole method."""
+        return self.training_step(batch, step=step, total_steps=total_steps, generator=generator)
+
+    def stages(self) -> list[Stage]:
+        """Stages trained before this method's own (none by default)."""
+        return []
+
     def after_step(self, step: int) -> None:
         """Hook after the optimisers stepped (EMA updates)."""
 
     def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
         """Named functions image batch -> logits; the first is the default."""
         raise NotImplementedError
+
+
+@dataclass
+class Stage:
+    """An earlier stage of a pipeline (e.g. SuperDiffusion's label-free pre-training), run in its own
+    sub-folder of the run; `method` shares its networks with the final method."""
+
+    folder: str
+    method: Method
+    steps: int
+    lr: float
 
 
 def dice_loss(*, ce: bool = False) -> nn.Module:

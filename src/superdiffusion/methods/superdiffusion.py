@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..diffusion import GaussianDiffusion
 from ..errors import InputError
 from ..nets.unet import UNet
-from .base import Batch, Method, dice_loss, linear_ramp
+from .base import Batch, Method, Stage, dice_loss, linear_ramp
 
 
 def to_signal(prob: Tensor) -> Tensor:
@@ -250,27 +250,10 @@ class SuperDiffusion(CoTrain):
 
     name = "superdiffusion"
 
-    def stages(self):
-        return [PretrainStage()] if self.cfg["superdiffusion"]["pretrained"] else []
-
-
-class PretrainStage:
-    """Runs Pretrain on this method's own teacher; skipped (weights reloaded) once finished."""
-
-    folder = "pretrain"
-
-    def run(self, method: CoTrain, cfg: dict, data, run_dir: Path, *, resume: bool, progress: bool) -> None:
-        from ..checkpoint import load_checkpoint
-        from ..engine.trainer import Trainer
-
-        stage_dir = run_dir / self.folder
-        stage = Pretrain(cfg, teacher=method.teacher, dims=method.dims, in_channels=method.in_channels,
-                         num_classes=method.num_classes)
-        if (stage_dir / "DONE").is_file():
-            stage.load_state_dict(load_checkpoint(stage_dir / "checkpoints" / "last.pt")["model"])
-            return
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        sd = cfg["superdiffusion"]
-        Trainer(stage, cfg, data, stage_dir, lr=sd["pretrain_lr"], steps=sd["pretrain_steps"], validate=False,
-                progress=progress).fit(resume=resume)
-        (stage_dir / "DONE").write_text("ok\n")
+    def stages(self) -> list[Stage]:
+        sd = self.cfg["superdiffusion"]
+        if not sd["pretrained"]:  # ablation: co-training from a randomly initialised teacher
+            return []
+        stage1 = Pretrain(self.cfg, teacher=self.teacher, dims=self.dims, in_channels=self.in_channels,
+                          num_classes=self.num_classes)
+        return [Stage("pretrain", stage1, steps=sd["pretrain_steps"], lr=sd["pretrain_lr"])]

@@ -1,0 +1,148 @@
+"""Figures: Dice vs labelled fraction, one bar chart per ablation, and the qualitative figure (paper fig. 3).
+
+Matplotlib's object API with the Agg canvas: no pyplot state, no display needed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..data.case import Case
+from ..evaluation.inference import predict_probabilities, segment
+from ..evaluation.predict import load_run
+from .protocols import REFERENCE
+from .report import seed_stats, table_rows
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def write_figures(bench, rows: list[dict]) -> None:
+    what = f"{'test' if bench.test else 'validation'} Dice, mean ± std over {len(bench.seeds)} seed(s)"
+    picked, key = table_rows(rows, bench.methods)
+    dice_vs_fraction(seed_stats(picked, key), bench.methods, bench.fractions, bench.out / "dice_vs_fraction.png",
+                     f"{bench.protocol.name}: {what}")
+    for a in bench.ablations:
+        picked, key = table_rows(rows, bench.labels(a), a)
+        keys = [f"{label} ({p})" for label in bench.labels(a) for p in a.predictors] if a.predictors \
+            else bench.labels(a)
+        ablation_bars(seed_stats(picked, key), keys, bench.fractions, bench.out / f"ablation_{a.name}.png",
+                      f"{bench.protocol.name}, ablation {a.name}: {what}")
+    qualitative(bench)
+
+
+def dice_vs_fraction(stats: dict, keys: list[str], fractions: list, path: Path, title: str) -> None:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for k in keys:
+        pts = [(f, *stats[(k, f)]["dice"][:2]) for f in fractions if (k, f) in stats]
+        if pts:
+            x, y, e = map(np.asarray, zip(*pts))
+            ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=k)
+    ax.set_xlabel("labelled fraction (or count) of the training pool")
+    ax.set_ylabel("Dice")
+    ax.set_xticks(list(fractions))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def ablation_bars(stats: dict, keys: list[str], fractions: list, path: Path, title: str) -> None:
+    fig = Figure(figsize=(max(5.0, 0.9 * len(keys) * len(fractions) + 2), 4))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(fractions), 1)
+    x = np.arange(len(keys))
+    for i, f in enumerate(fractions):
+        y = [stats[(k, f)]["dice"][0] if (k, f) in stats else np.nan for k in keys]
+        e = [np.nan_to_num(stats[(k, f)]["dice"][1]) if (k, f) in stats else 0 for k in keys]
+        ax.bar(x + (i - (len(fractions) - 1) / 2) * width, y, width, yerr=e, capsize=3, label=f"fraction {f:g}")
+    ax.set_xticks(x, keys, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ qualitative
+def _slice_case(case: Case, cfg: dict) -> tuple[Case, dict, int]:
+    """For a 2D network on a 3D case, only the slice with the most foreground: cheap, same preprocessing."""
+    d = cfg["data"]
+    if not (d["dims"] == 2 and case.spatial_dims == 3):
+        return case, d, d["dims"]
+    axis = d["slice_axis"]
+    k = _best_slice(case.label, axis)
+    scale = None if d["scale"] is None else [s for a, s in enumerate(d["scale"]) if a != axis]
+    spacing = tuple(s for a, s in enumerate(case.spacing) if a != axis)
+    sliced = Case(case.id, np.take(case.image, k, axis=1 + axis), np.take(case.label, k, axis=axis), spacing,
+                  case.source, case.meta)
+    return sliced, {**copy.deepcopy(d), "scale": scale}, 2
+
+
+def _best_slice(volume_label: np.ndarray, axis: int) -> int:
+    return int(np.argmax((volume_label > 0).sum(axis=tuple(a for a in range(3) if a != axis))))
+
+
+def qualitative(bench, n_cases: int | None = None) -> Path | None:
+    """Image, teacher pseudo-label, student prediction, ground truth and teacher uncertainty (ensemble std)
+    for a few validation cases of the first SuperDiffusion run (first fraction, first seed)."""
+    from .runner import qualitative_cases
+
+    spec = next((s for s in bench.specs if s.method == REFERENCE and (s.run_dir / "DONE").is_file()), None)
+    path = bench.out / "qualitative.png"
+    if spec is None:
+        return None
+    run = load_run(spec.run_dir)
+    cfg, teacher, preds = run.cfg, run.method.teacher, run.method.predictors()
+    dc, ec = cfg["diffusion"], cfg["eval"]
+
+    def uncertainty(x: torch.Tensor) -> torch.Tensor:
+        """The ensemble std u as logits [log u, log(1 - u)]: softmax gives u back through the usual inference."""
+        u = teacher.predict_ensemble(x, samples=dc["ensemble"], t=dc["t_infer"], noise_seed=dc["noise_seed"])[1]
+        return torch.cat([u.clamp_min(1e-6).log(), (1 - u).clamp_min(1e-6).log()], 1)
+
+    cases = qualitative_cases(bench, spec, n_cases or int(bench.protocol.bench["qualitative_cases"]))
+    if not cases:
+        return None
+    titles = ("image", "teacher pseudo-label", "student prediction", "ground truth", "teacher uncertainty")
+    fig = Figure(figsize=(2.3 * len(titles), 2.3 * len(cases)))
+    axes = fig.subplots(len(cases), len(titles), squeeze=False)
+    for row, case in zip(axes, cases):
+        view, data_cfg, dims = _slice_case(case, cfg)
+
+        def probs(fn, view=view, data_cfg=data_cfg, dims=dims) -> np.ndarray:
+            return predict_probabilities(fn, view, data_cfg=data_cfg, dims=dims, patch=cfg["train"]["patch"],
+                                         overlap=ec["overlap"], sw_batch_size=ec["sw_batch_size"])
+
+        panels = [view.image[0], segment(probs(preds["teacher"])), segment(probs(preds["student"])), view.label,
+                  probs(uncertainty)[0]]
+        if view.spatial_dims == 3:  # a 3D network: whole-volume inference, then the most-foreground slice
+            axis = cfg["data"]["slice_axis"]
+            k = _best_slice(view.label, axis)
+            panels = [np.take(p, k, axis=axis) for p in panels]
+        lo, hi = np.percentile(panels[0], [0.5, 99.5])
+        for ax, title, img in zip(row, titles, panels):
+            kw = {"cmap": "gray", "vmin": lo, "vmax": hi} if title == "image" else \
+                {"cmap": "magma", "vmin": 0, "vmax": max(float(img.max()), 1e-3)} if title.endswith("uncertainty") \
+                else {"cmap": "viridis", "vmin": 0, "vmax": max(cfg["data"]["num_classes"] - 1, 1)}
+            ax.imshow(np.asarray(img, dtype=np.float32).T, origin="lower", interpolation="nearest", **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(case.id, fontsize=8)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{bench.protocol.name}: {spec.label}, fraction {spec.fraction:g}, seed {spec.seed} "
+                 f"(checkpoint {run.checkpoint.stem})", fontsize=9)
+    _save(fig, path)
+    return path

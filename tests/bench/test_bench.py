@@ -1,0 +1,190 @@
+"""`superdiffusion bench` on the seconds-long synthetic protocol: outputs, resume, a separate test set,
+ablations, and bad inputs refused before any training."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import superdiffusion.bench.runner as runner
+from superdiffusion.bench.protocols import load_protocol, shipped_protocols
+from superdiffusion.cli.main import main
+from superdiffusion.data.splits import make_split
+from superdiffusion.data.synthetic import write_synthetic_dataset
+
+FAST = ["--set", "train.threads=1", "--no-progress"]
+COLUMNS = ["method", "fraction", "seed", "case", "predictor", "chosen", "eval_set", "labelled_cases", "dice",
+           "jaccard", "hd95", "asd", "run"]
+
+
+def bench(out: Path, *args: str) -> int:
+    return main(["bench", "--protocol", "synthetic", "--out", str(out), *FAST, *args])
+
+
+def read_rows(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000, path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    """Wraps the real train_run: records (run folder, resume) of every call."""
+    calls, real = [], runner.train_run
+
+    def spy(cfg, run_dir, *, resume=False, progress=True):
+        calls.append((Path(run_dir), resume))
+        return real(cfg, run_dir, resume=resume, progress=progress)
+
+    monkeypatch.setattr(runner, "train_run", spy)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def main_bench(tmp_path_factory) -> Path:
+    """supervised and superdiffusion x 1 fraction x 2 seeds, on the validation split."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    assert bench(out, "--methods", "supervised,superdiffusion", "--fractions", "0.25", "--seeds", "0,1") == 0
+    return out
+
+
+def test_outputs(main_bench):
+    out = main_bench
+    rows = read_rows(out)
+    assert list(rows[0]) == COLUMNS
+    assert len(rows) == 2 * 1 * 2 * 4  # methods x fractions x seeds x validation cases
+    assert {r["eval_set"] for r in rows} == {"validation"} and {r["chosen"] for r in rows} == {"1"}
+    for r in rows:  # the cases are the run's own validation split
+        assert r["case"] in json.loads((out / r["run"] / "split.json").read_text())["val"]
+        assert 0 <= float(r["dice"]) <= 1
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("supervised", "superdiffusion")
+                                                        for s in ("0", "1")}
+    text = (out / "summary.md").read_text()
+    for needle in ("validation split carved from the training cases", "seeds: 0, 1", "20 steps",
+                   "10 cycle pre-training steps", "Checkpoint rule: best validation Dice", "Threshold: argmax",
+                   "Wilcoxon", "| supervised | 0.25 | 8 |", "± "):
+        assert needle in text, needle
+    for name in ("dice_vs_fraction.png", "qualitative.png"):
+        assert_png(out / name)
+    assert len(list((out / "runs").glob("*/frac0.25/seed*/DONE"))) == 4
+
+
+def test_rerun_skips_finished_runs(main_bench, count_training):
+    before = (main_bench / "results.csv").read_text()
+    assert bench(main_bench, "--methods", "supervised,superdiffusion", "--fractions", "0.25", "--seeds", "0,1") == 0
+    assert count_training == []
+    assert (main_bench / "results.csv").read_text() == before
+
+
+def test_interrupted_run_is_resumed(main_bench, count_training):
+    run = main_bench / "runs" / "superdiffusion" / "frac0.25" / "seed1"
+    (run / "DONE").unlink()  # as if killed before the end: config.yaml and checkpoints, no DONE
+    (run / "results.json").unlink()
+    assert bench(main_bench, "--methods", "supervised,superdiffusion", "--fractions", "0.25", "--seeds", "0,1") == 0
+    assert count_training == [(run, True)]
+    assert (run / "DONE").is_file() and len(read_rows(main_bench)) == 16
+
+
+def test_separate_test_set(tmp_path):
+    train = write_synthetic_dataset(tmp_path / "train", 10, dims=3, shape=(32, 32, 8), seed=0, fmt="la")
+    test = write_synthetic_dataset(tmp_path / "elsewhere" / "test", 12, dims=3, shape=(32, 32, 8), seed=1, fmt="la")
+    (test / "test.list").write_text("synth010\nsynth011\n")
+    out = tmp_path / "out"
+    assert bench(out, "--methods", "supervised", "--fractions", "0.5", "--seeds", "0", "--steps", "4",
+                 "--set", "data.format=la", "--train-data", str(train), "--train-list", str(train / "train.list"),
+                 "--test-data", str(test), "--test-list", str(test / "test.list")) == 0
+    rows = read_rows(out)
+    assert sorted(r["case"] for r in rows) == ["synth010", "synth011"]
+    assert {r["eval_set"] for r in rows} == {"test"}
+    text = (out / "summary.md").read_text()
+    assert "separate test set" in text and str(test / "test.list") in text and "No superdiffusion runs" in text
+    cfg = json.loads((out / rows[0]["run"] / "split.json").read_text())
+    assert not {"synth010", "synth011"} & set(cfg["labelled"] + cfg["unlabelled"] + cfg["val"])
+    assert (out / rows[0]["run"] / "test_eval.json").is_file()
+
+
+def test_ablations_have_tables_and_plots(tmp_path, count_training):
+    out = tmp_path / "out"
+    assert bench(out, "--methods", "superdiffusion", "--ablation", "rounds,teacher", "--fractions", "0.25",
+                 "--seeds", "0", "--steps", "4") == 0
+    # R3-independent and pretrained are the plain superdiffusion config: trained once, not three times
+    assert sorted(p.parts[-3] for p, _ in count_training) == sorted(
+        ["superdiffusion", "superdiffusion--R0", "superdiffusion--R1", "superdiffusion--R3-chained",
+         "superdiffusion--scratch"])
+    rows = read_rows(out)
+    runs = {r["method"]: r["run"] for r in rows}
+    assert runs["superdiffusion[R3-independent]"] == runs["superdiffusion"] == runs["superdiffusion[pretrained]"]
+    teacher_rows = [r for r in rows if r["method"] == "superdiffusion[scratch]"]
+    assert {r["predictor"] for r in teacher_rows} == {"teacher", "student"}
+    text = (out / "summary.md").read_text()
+    for needle in ("## Ablation: rounds", "| superdiffusion[R0] | 0.25 |", "| superdiffusion[R3-chained] | 0.25 |",
+                   "## Ablation: teacher", "| superdiffusion[scratch] (student) | 0.25 |",
+                   "| superdiffusion[pretrained] (teacher) | 0.25 |"):
+        assert needle in text, needle
+    assert_png(out / "ablation_rounds.png")
+    assert_png(out / "ablation_teacher.png")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--protocol", "nope"], "nope"),
+    (["--protocol", "synthetic", "--methods", "supervised,nope"], "nope"),
+    (["--protocol", "synthetic", "--ablation", "depth"], "depth"),
+    (["--protocol", "synthetic", "--fractions", "0.25,abc"], "abc"),
+    (["--protocol", "synthetic", "--set", "seed=3"], "--seeds"),
+    (["--protocol", "synthetic", "--set", "split.val=0"], "nothing to evaluate"),
+    (["--protocol", "synthetic", "--set", "train.stepz=3"], "train.stepz"),
+    (["--protocol", "synthetic", "--fractions", "20"], "split.labelled"),
+])
+def test_bad_inputs_fail_before_training(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("trained despite bad input"))
+    out = tmp_path / "out"
+    assert main(["bench", "--out", str(out), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not out.exists()
+
+
+def test_unreadable_test_case_fails_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("trained despite bad input"))
+    test = write_synthetic_dataset(tmp_path / "test", 2, dims=3, shape=(16, 16, 8), seed=1, fmt="la")
+    (test / "synth001" / "mri_norm2.h5").write_bytes(b"not hdf5")
+    assert main(["bench", "--protocol", "synthetic", "--out", str(tmp_path / "out"), "--set", "data.format=la",
+                 "--set", f"data.root={test}", "--test-data", str(test), "--no-progress"]) == 2
+    assert "synth001" in capsys.readouterr().err
+
+
+def test_shipped_protocols_plan(tmp_path):
+    """Every shipped protocol, method and ablation variant gives a valid run config (no data touched)."""
+    assert {"synthetic", "la2d-cpu", "la3d-cpu", "la3d-full"} <= set(shipped_protocols())
+    for name in shipped_protocols():
+        p = load_protocol(name)
+        specs = runner.plan(p, list(p.bench["methods"]), list(p.ablations.values()), [0.1, 0.2], [0], tmp_path,
+                            sets={}, data={}, steps=None)
+        assert {s.label for s in specs} >= set(p.bench["methods"])
+    full = load_protocol("la3d-full").base
+    assert full["split"]["val"] == 0 and full["eval"]["checkpoint"] == "last"
+    ids = [f"case{i:02d}" for i in range(80)]
+    assert [len(make_split(ids, labelled=f, val=0)["labelled"]) for f in (0.1, 0.2)] == [8, 16]
+
+
+def test_help_mentions_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--protocol", "--methods", "--fractions", "--seeds", "--out", "--ablation", "--train-data",
+                   "--train-list", "--test-data", "--test-list", "--steps", "--set", "--no-progress"):
+        assert option in text
+
+
+def test_output_folder_layout(main_bench):
+    """The output folder holds the tables, the figures and the run folders, nothing else."""
+    names = {p.name for p in main_bench.iterdir()}
+    assert names == {"results.csv", "summary.md", "dice_vs_fraction.png", "qualitative.png", "runs"}
