@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,13 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous:
             torch.save({"format": FORMAT, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
+        if keep_previous and path.exists():  # a second name for the old file: `path` never goes missing
+            prev = previous_path(path)
+            prev.unlink(missing_ok=True)
+            try:
+                os.link(path, prev)
+            except OSError:  # file systems without hard links
+                shutil.copy2(path, prev)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

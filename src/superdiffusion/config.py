@@ -56,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
         "val_every": 100,  # validation period in steps (0 = only at the end)
         "ckpt_every": 100,  # checkpoint period in steps
         "threads": None,  # torch threads per process (null = leave torch's default)
+        "device": "auto",  # auto (cuda when available) | cpu | cuda
+        "amp": False,  # bf16 autocast in training steps: for GPUs (on CPUs without bf16 units it is slower)
+        "compile": False,  # torch.compile every U-Net (pays off only on long runs: 40-140 s to compile)
+        "channels_last": False,  # channels-last memory format for the networks and batches
     },
     "eval": {
         "checkpoint": "best",  # best (best validation Dice) | last

@@ -151,7 +151,8 @@ def final_evaluation(method, cfg: dict, data: DataBundle, run_dir: Path) -> dict
     for name, fn in method.predictors().items():
         per_case = evaluate_cases(fn, data.val, data_cfg=cfg["data"], dims=cfg["data"]["dims"],
                                   patch=cfg["train"]["patch"], overlap=cfg["eval"]["overlap"],
-                                  sw_batch_size=cfg["eval"]["sw_batch_size"])
+                                  sw_batch_size=cfg["eval"]["sw_batch_size"],
+                                  device=next(method.parameters()).device)
         per_predictor[name] = {"per_case": per_case, "mean": summarize(per_case)}
     predictor = choose_predictor(method, cfg, {k: v["mean"]["dice"]["mean"] for k, v in per_predictor.items()})
     results.update(predictor=predictor, val=per_predictor)

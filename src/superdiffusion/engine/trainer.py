@@ -18,11 +18,12 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import load_checkpoint, previous_path, rng_state, save_checkpoint, set_rng_state
 from ..data.pipeline import DataBundle, PatchSampler
 from ..errors import InputError
-from ..evaluation.inference import evaluate_cases
+from ..evaluation.inference import evaluate_cases, resolve_device
 from ..methods.base import Method
+from ..nets.unet import UNet
 from . import distributed
 
 
@@ -91,9 +92,23 @@ class Trainer:
         self.generator = torch.Generator()  # re-seeded from (seed, step, rank) before every step
         self.step, self.best = 0, -1.0
         self.rank, self.world = distributed.rank_world()
+        self.device = resolve_device(tc["device"])
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        method.to(self.device)
+        self.memory_format = None
+        if tc["channels_last"]:
+            self.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
+            method.to(memory_format=self.memory_format)
+        if tc["compile"]:
+            for module in method.modules():
+                if isinstance(module, UNet):
+                    module.compile()
         self.model = method  # what the step is called through: DDP averages the gradients across ranks
         if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                method, find_unused_parameters=True, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -117,10 +132,14 @@ class Trainer:
         set_rng_state(payload["rng"])
         self.step, self.best = int(payload["step"]), float(payload["best"])
 
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format) if self.memory_format and x.is_floating_point() else x
+
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, *, resume: bool = False) -> dict:
         last = self.ckpt_dir / "last.pt"
-        if resume and last.exists():
+        if resume and (last.exists() or previous_path(last).exists()):
             self.restore(load_checkpoint(last))
             if self.rank == 0:
                 truncate_log(self.run_dir / "log.jsonl", self.step)
@@ -137,8 +156,11 @@ class Trainer:
                 if self.unlabelled is not None:
                     batch["unlabelled"] = self.unlabelled.batch(
                         self.step, tc["unlabelled_batch_size"], rank=self.rank)["image"]
+                batch = {k: self.to_device(v) for k, v in batch.items()}
                 self.generator.manual_seed(hash_seed(self.seed, self.step, self.rank))
-                loss, logs = self.model(batch, step=self.step, total_steps=self.steps, generator=self.generator)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(tc["amp"])):
+                    loss, logs = self.model(batch, step=self.step, total_steps=self.steps,
+                                            generator=self.generator)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"step {self.step}: loss is {loss.item()}; stopped, last good checkpoint kept in "
@@ -184,7 +206,7 @@ class Trainer:
         for name, fn in self.method.predictors().items():
             per_case = evaluate_cases(fn, cases, data_cfg=self.cfg["data"], dims=self.cfg["data"]["dims"],
                                       patch=self.cfg["train"]["patch"], overlap=ec["overlap"],
-                                      sw_batch_size=ec["sw_batch_size"], full=False)
+                                      sw_batch_size=ec["sw_batch_size"], full=False, device=self.device)
             per_case = distributed.gather_dict(per_case)
             scores[name] = float(np.mean([m["dice"] for m in per_case.values()]))
         self.method.train()
@@ -204,8 +226,14 @@ class Trainer:
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines of steps after the checkpoint being resumed: they are about to be redone."""
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines(keepends=True) if json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(lines))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:  # a line torn by a kill or a full disk
+                continue
+        path.write_text("".join(kept))
 
 
 def hash_seed(*parts: int) -> int:

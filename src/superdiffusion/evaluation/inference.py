@@ -21,14 +21,15 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def predict_probabilities(logits_fn: LogitsFn, case: Case, *, data_cfg: dict, dims: int, patch: list[int],
-                          overlap: float = 0.5, sw_batch_size: int = 4) -> np.ndarray:
-    """Class probabilities (K, *spatial) of a raw case at its original resolution."""
+                          overlap: float = 0.5, sw_batch_size: int = 4, device: str | torch.device = "cpu"
+                          ) -> np.ndarray:
+    """Class probabilities (K, *spatial) of a raw case at its original resolution (windows run on `device`)."""
     image = torch.from_numpy(prepare_image(case.image, data_cfg))
     roi = tuple(int(p) for p in patch)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         return torch.softmax(sliding_window_inference(batch, roi, sw_batch_size, logits_fn, overlap=overlap,
-                                                      mode="gaussian"), dim=1)
+                                                      mode="gaussian", sw_device=device, device="cpu"), dim=1)
 
     if dims == 2 and image.ndim == 4:  # a 3D case through a 2D network: slices become the batch
         axis = 1 + data_cfg["slice_axis"]
@@ -40,18 +41,26 @@ def predict_probabilities(logits_fn: LogitsFn, case: Case, *, data_cfg: dict, di
     return resize(probs, case.spatial_shape).numpy()
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def segment(probabilities: np.ndarray) -> np.ndarray:
     """Label map from class probabilities: argmax (for two classes, foreground probability > 0.5)."""
     return probabilities.argmax(0).astype(np.int64)
 
 
 def evaluate_cases(logits_fn: LogitsFn, cases: list[Case], *, data_cfg: dict, dims: int, patch: list[int],
-                   overlap: float = 0.5, sw_batch_size: int = 4, full: bool = True) -> dict[str, dict]:
+                   overlap: float = 0.5, sw_batch_size: int = 4, full: bool = True,
+                   device: str | torch.device = "cpu") -> dict[str, dict]:
     """Per-case metrics (Dice only when `full` is False, for cheap periodic validation)."""
     out = {}
     for case in cases:
         pred = segment(predict_probabilities(logits_fn, case, data_cfg=data_cfg, dims=dims, patch=patch,
-                                             overlap=overlap, sw_batch_size=sw_batch_size))
+                                             overlap=overlap, sw_batch_size=sw_batch_size, device=device))
         if full:
             out[case.id] = case_metrics(pred, case.label, num_classes=data_cfg["num_classes"],
                                         spacing=case.spacing)

@@ -14,7 +14,7 @@ from ..data.case import Case
 from ..errors import InputError
 from ..methods import build_method
 from ..methods.base import Method
-from .inference import predict_probabilities
+from .inference import predict_probabilities, resolve_device
 
 
 @dataclass
@@ -44,7 +44,7 @@ class LoadedRun:
         ec = self.cfg["eval"]
         return predict_probabilities(fn, case, data_cfg=self.cfg["data"], dims=self.cfg["data"]["dims"],
                                      patch=self.cfg["train"]["patch"], overlap=ec["overlap"],
-                                     sw_batch_size=ec["sw_batch_size"])
+                                     sw_batch_size=ec["sw_batch_size"], device=next(self.method.parameters()).device)
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str | None = None, predictor: str | None = None) -> LoadedRun:
@@ -59,7 +59,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str | None = None, predictor: s
     cfg = config_of(payload)
     method = build_method(cfg, in_channels=int(payload["in_channels"]))
     method.load_state_dict(payload["model"])
-    method.eval()
+    method.to(resolve_device(cfg["train"].get("device", "auto"))).eval()
     chosen = predictor or results.get("predictor") or next(iter(method.predictors()))
     if chosen not in method.predictors():
         raise InputError(f"--predictor {chosen!r}: {cfg['method']} offers {', '.join(method.predictors())}")
