@@ -25,16 +25,24 @@ from .errors import InputError
 FORMAT = "superdiffusion-checkpoint-v1"
 
 
+class CheckpointWriteError(RuntimeError):
+    """Saving failed (e.g. the disk is full); the checkpoints saved before are untouched."""
+
+
 def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous: bool = True) -> Path:
     """Atomically write `payload` (plus the format tag) to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({"format": FORMAT, **payload}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as err:  # disk full, quota, I/O error: nothing saved before is touched
+            raise CheckpointWriteError(f"{path}: could not write the checkpoint ({str(err).splitlines()[0][:120]}); "
+                                       "the previous checkpoints are intact") from err
         if keep_previous and path.exists():  # a second name for the old file: `path` never goes missing
             prev = previous_path(path)
             prev.unlink(missing_ok=True)

@@ -126,9 +126,13 @@ def shipped_configs() -> list[str]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from err
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -267,6 +267,43 @@ def test_resume_tolerates_a_torn_log_line(tmp_path, tiny_cfg, monkeypatch):
     assert [r["step"] for r in _train_lines(run)][-4:] == [5, 6, 7, 8]
 
 
+def test_kill_after_an_improving_validation_keeps_the_best_checkpoint(tmp_path, tiny_cfg, monkeypatch):
+    """A kill between an improving validation (best.pt written) and the next last.pt must not let a later,
+    worse validation replace best.pt after resume (the resumed run must know the best score)."""
+    from superdiffusion.engine import trainer as T
+
+    scores = {2: 0.5, 4: 0.9, 6: 0.7, 8: 0.6}  # validation Dice by step: the best model is step 4's
+    current = {}
+    real_validation = T.Trainer.run_validation
+
+    def validation(self, writer, log):
+        current["step"] = self.step
+        return real_validation(self, writer, log)
+
+    monkeypatch.setattr(T.Trainer, "run_validation", validation)
+    monkeypatch.setattr(T, "evaluate_cases",
+                        lambda fn, cases, **kw: {c.id: {"dice": scores[current["step"]]} for c in cases})
+    cfg = tiny_cfg("train.steps=8", "train.val_every=2", "train.ckpt_every=2")
+    train_run(cfg, tmp_path / "a", progress=False)
+    assert load_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt")["step"] == 4
+
+    def validation_then_killed(self, writer, log):
+        improved = validation(self, writer, log)
+        if self.step == 4:  # SIGKILL while validating is over and best.pt written, before anything else
+            raise KeyboardInterrupt
+        return improved
+
+    run = tmp_path / "b"
+    with monkeypatch.context() as m:
+        m.setattr(T.Trainer, "run_validation", validation_then_killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_run(cfg, run, progress=False)
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 4
+    train_run(cfg, run, resume=True, progress=False)
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 4  # not replaced by step 6's worse model
+    _assert_same_weights(tmp_path / "a" / "checkpoints" / "best.pt", run / "checkpoints" / "best.pt")
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_cfg, monkeypatch):
     real = Supervised.training_step
 

@@ -187,6 +187,8 @@ def _read_list(list_file: str | Path, root: Path) -> tuple[Path, list[str]]:
     path = Path(list_file)
     if not path.exists() and not path.is_absolute() and (root / path).exists():
         path = root / path
+        if not path.resolve().is_relative_to(root.resolve()):  # relative paths stay inside the data root
+            raise InputError(f"{list_file}: a relative list path must stay inside the data root {root}")
     if not path.is_file():
         raise InputError(f"{list_file}: case list file not found (also looked in {root})")
     with _reading(path):
@@ -194,6 +196,9 @@ def _read_list(list_file: str | Path, root: Path) -> tuple[Path, list[str]]:
     ids = sorted({ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")})
     if not ids:
         raise InputError(f"{path}: case list is empty")
+    for case_id in ids:  # an id names a case inside the root, never a path out of it
+        if "/" in case_id or "\\" in case_id or case_id in (".", "..") or case_id.startswith("~"):
+            raise InputError(f"{path}: case id {case_id!r} is a path, not a case name")
     return path, ids
 
 

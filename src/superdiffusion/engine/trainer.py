@@ -184,12 +184,12 @@ class Trainer:
                     for k, v in logs.items():
                         writer.add_scalar(f"train/{k}", v, self.step)
                 done = self.step == self.steps
-                checkpoint = done or self.step % tc["ckpt_every"] == 0
-                if checkpoint:
-                    self.save("last.pt")
+                # validate before saving last.pt, so that it records the best score so far: a run killed
+                # anywhere in between resumes from the previous last.pt and redoes the same validation
                 if self.validate and (done or (tc["val_every"] and self.step % tc["val_every"] == 0)):
-                    if self.run_validation(writer, log) and checkpoint:
-                        self.save("last.pt")  # so that a resumed run knows the new best score
+                    self.run_validation(writer, log)
+                if done or self.step % tc["ckpt_every"] == 0:
+                    self.save("last.pt")
         finally:
             bar.close()
             if log is not None:
