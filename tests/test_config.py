@@ -70,9 +70,6 @@ def test_later_set_wins_and_value_may_contain_equals():
     assert cfg["data"]["root"] == "/a=b"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `--set train.lr=1e-3` (and `lr: 1e-3` in a YAML file) is "
-                   "parsed by PyYAML's YAML-1.1 resolver as the *string* '1e-3', so check_config rejects a "
-                   "valid learning rate and weight_decay/pretrain_lr crash optimiser construction")
 def test_scientific_notation_numbers_are_floats(tmp_path):
     cfg = load_config(None, ["train.lr=1e-3", "train.weight_decay=1e-4", "superdiffusion.pretrain_lr=2e-4"])
     assert cfg["train"]["lr"] == pytest.approx(1e-3)
@@ -103,9 +100,6 @@ def test_unknown_key_in_yaml_file_names_file_and_key(tmp_path):
     assert str(path) in str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config.merge accepts a mapping where the defaults hold a scalar "
-                   "or list: `--set train.lr.x=1` silently turns train.lr into {'x': 1} instead of refusing "
-                   "the unknown key 'train.lr.x'")
 @pytest.mark.parametrize("override", ["model.channels.x=3", "train.lr.typo=0.1", "data.root.x=/a"])
 def test_subkey_of_a_leaf_is_refused(override):
     with pytest.raises(InputError) as exc:

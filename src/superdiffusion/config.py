@@ -7,6 +7,7 @@ a config cannot run code. Unknown keys are an error (a typo must not silently fa
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,20 @@ import yaml
 from .errors import InputError
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, but `1e-3` is a float (as in YAML 1.2 and every user's expectation)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: plain data only
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,  # seeds the split shuffle, the initial weights and every training sample
@@ -104,7 +119,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[leaf] = parse_yaml(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise InputError(f"--set {key}: value {value!r} is not valid YAML") from err
         merge(cfg, tree, where=f"--set {key}")
     return cfg
 
@@ -126,7 +144,7 @@ def shipped_configs() -> list[str]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
@@ -150,6 +168,9 @@ def merge(base: dict[str, Any], update: dict[str, Any], *, where: str, prefix: s
             if not isinstance(value, dict):
                 raise InputError(f"{where}: {name!r} must be a mapping")
             merge(base[key], value, where=where, prefix=name + ".")
+        elif isinstance(value, dict):
+            raise InputError(f"{where}: unknown config key {name + '.' + next(iter(value), '')!r}"
+                             if value else f"{where}: {name!r} is a value, not a mapping")
         else:
             base[key] = value
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from superdiffusion.cli.main import build_parser, main
+from superdiffusion.data.splits import make_split
 from superdiffusion.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -41,24 +42,31 @@ def _one_error_line(capsys, *needles: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- help
-@pytest.mark.parametrize("command", list(OPTIONS))
+def _defined_options(command: str | None) -> set[str]:
+    """Every option string the parser itself defines for `command` (so options added later are covered)."""
+    parser = build_parser()
+    if command is not None:
+        parser = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def _commands() -> list[str]:
+    return list(next(a for a in build_parser()._actions if a.dest == "command").choices)
+
+
+@pytest.mark.parametrize("command", [None, *_commands()])
 def test_help_exits_zero_and_mentions_every_option(command, capsys):
     argv = ([command] if command else []) + ["--help"]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in OPTIONS[command]:
+    for option in set(OPTIONS.get(command, ["--help"])) | _defined_options(command):
         assert option in out, f"{option} missing from `{' '.join(argv)}`"
 
 
-def test_help_lists_every_parser_option(capsys):
-    """Every option the parser defines is in the table above (so the help test covers new ones)."""
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, p in sub.choices.items():
-        defined = {s for a in p._actions for s in a.option_strings if s.startswith("--")}
-        assert defined <= set(OPTIONS[name]), (name, defined - set(OPTIONS[name]))
+def test_documented_commands_exist():
+    assert {c for c in OPTIONS if c} <= set(_commands())
 
 
 # --------------------------------------------------------------------------------------- a trained run
@@ -291,3 +299,92 @@ def test_evaluate_with_missing_run_folder_and_bad_arguments(tmp_path, la_root, c
     _one_error_line(capsys, missing)
     assert main(["evaluate", "--pred", str(tmp_path)]) == 2
     _one_error_line(capsys, "--gt")
+
+
+def _nii_mask(path: Path, mask: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(mask.astype(np.int16), np.eye(4)), str(path))
+    return path
+
+
+def test_evaluate_folders_shape_mismatch_names_the_file(tmp_path, capsys):
+    gt = np.zeros((8, 8, 8), np.int16)
+    gt[2:5, 2:5, 2:5] = 1
+    _nii_mask(tmp_path / "gt" / "a.nii.gz", gt)
+    _nii_mask(tmp_path / "gt" / "b.nii.gz", gt)
+    _nii_mask(tmp_path / "pred" / "a.nii.gz", gt)
+    bad = _nii_mask(tmp_path / "pred" / "b.nii.gz", gt[:, :, :6])
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 2
+    _one_error_line(capsys, bad)
+
+
+def test_evaluate_folders_negative_label_names_the_value(tmp_path, capsys):
+    gt = np.zeros((8, 8, 8), np.int16)
+    gt[2:5, 2:5, 2:5] = 1
+    _nii_mask(tmp_path / "gt" / "a.nii.gz", gt)
+    pred = gt.copy()
+    pred[0, 0, 0] = -1
+    bad = _nii_mask(tmp_path / "pred" / "a.nii.gz", pred)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 2
+    _one_error_line(capsys, bad, "-1")
+
+
+def test_evaluate_folders_label_above_range_names_file_and_value(tmp_path, capsys):
+    gt = np.zeros((8, 8, 8), np.int16)
+    gt[2:5, 2:5, 2:5] = 1
+    _nii_mask(tmp_path / "gt" / "a.nii.gz", gt)
+    pred = gt.copy()
+    pred[0, 0, 0] = 3
+    bad = _nii_mask(tmp_path / "pred" / "a.nii.gz", pred)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]) == 2
+    _one_error_line(capsys, bad, "3", "0..1")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                 "--num-classes", "4"]) == 0
+
+
+def test_evaluate_folders_num_classes_below_two(tmp_path, capsys):
+    gt = np.zeros((8, 8, 8), np.int16)
+    gt[2:5, 2:5, 2:5] = 1
+    _nii_mask(tmp_path / "gt" / "a.nii.gz", gt)
+    _nii_mask(tmp_path / "pred" / "a.nii.gz", gt)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                 "--num-classes", "1"]) == 2
+    line = _one_error_line(capsys)
+    assert "num-classes" in line or "num_classes" in line
+
+
+def _volumes_without_label(tmp_path: Path, n: int, missing: str) -> Path:
+    root = write_synthetic_dataset(tmp_path / "vol", n, dims=3, shape=(16, 16, 12), fmt="volumes")
+    (root / "labels" / f"{missing}.nii.gz").unlink()
+    return root
+
+
+def test_labelled_case_without_label_file(tmp_path, capsys):
+    split = make_split([f"synth{k:03d}" for k in range(6)], labelled=2, val=1, seed=0)
+    missing = split["labelled"][0]
+    root = _volumes_without_label(tmp_path, 6, missing)
+    overrides = ["data.format=volumes", f"data.root={root}", "data.dims=2", "split.val=1", "split.labelled=2",
+                 "model.channels=[4, 8]", "train.steps=2", "train.patch=[16, 16]", "train.batch_size=2"]
+    try:
+        status = main(_train_argv(tmp_path / "run", overrides))
+    except Exception as exc:  # the bug: a traceback instead of an InputError
+        pytest.fail(f"uncaught {type(exc).__name__}: {exc}")
+    assert status == 2
+    _one_error_line(capsys, missing)
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_run_on_a_case_without_label(trained, tmp_path, capsys):
+    root = _volumes_without_label(tmp_path, 2, "synth001")
+    assert main(["evaluate", str(trained), "--data", str(root), "--format", "volumes"]) == 2
+    _one_error_line(capsys, "synth001")
+
+
+def test_predict_refuses_inputs_with_the_same_case_id_before_writing(trained, tmp_path, capsys):
+    a = write_synthetic_dataset(tmp_path / "a", 1, dims=3, shape=(16, 16, 12), fmt="volumes")
+    b = write_synthetic_dataset(tmp_path / "b", 1, dims=3, shape=(16, 16, 12), fmt="volumes", seed=1)
+    out = tmp_path / "masks"
+    assert main(["predict", str(trained), str(a / "images" / "synth000.nii.gz"),
+                 str(b / "images" / "synth000.nii.gz"), "--out", str(out)]) == 2
+    _one_error_line(capsys, "synth000")
+    assert not out.exists() or not any(out.iterdir()), "a mask was written before the input error"

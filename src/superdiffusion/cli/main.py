@@ -107,6 +107,45 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a protocol config value for every run, e.g. --set train.threads=1 (repeatable)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    x = sub.add_parser("export", help="save a run's predictor as a TorchScript file that needs only PyTorch",
+                       description="Writes the run's chosen predictor (or --predictor) as TorchScript: "
+                                   "torch.jit.load(FILE)(image) maps a raw image tensor (C, *spatial) to an int64 "
+                                   "label map, with normalisation, resampling, sliding window, softmax and argmax "
+                                   "inside, giving the masks of `predict`. Metadata: meta.json and config.json "
+                                   "extra files. The teacher exports as its fixed-t single pass.")
+    x.add_argument("run", help="run folder made by `superdiffusion train`")
+    x.add_argument("--out", required=True, help="artefact file to write (never overwritten), e.g. model.pt")
+    x.add_argument("--checkpoint", choices=["best", "last"], help="default: the run's choice")
+    x.add_argument("--predictor", help="student, teacher, ... (default: the run's choice on validation)")
+
+    bs = sub.add_parser("bench-speed", help="training-step and inference speed and memory of every method",
+                        description="Median seconds and peak memory of each method's training step (supervised, "
+                                    "pretrain, CPS, SuperDiffusion R=0/3/5) and of teacher and student inference, "
+                                    "2D at 128x128 batch 8+8 (the reference comparison) and 3D; ratios against the "
+                                    "supervised step of the same run. Switches are measured against the plain run.")
+    bs.add_argument("--config", help="config to benchmark for its dimensionality (default: la2d-superdiffusion and "
+                                     "la3d-superdiffusion)")
+    bs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (repeatable), e.g. --set model.channels=[8,16,32]")
+    bs.add_argument("--dims", choices=["2", "3", "both"], default="both", help="which models (default both)")
+    bs.add_argument("--profile", choices=["quick", "full"], default="quick",
+                    help="quick (~3 min on 2 cores: 2D 128x128 8+8, 3D 32^3 1+1) or full (the config's 3D patch, "
+                         "whole LA volumes, more repeats)")
+    bs.add_argument("--repeats", type=int, help="timed runs per row (the median is reported)")
+    bs.add_argument("--warmup", type=int, help="untimed runs before them")
+    bs.add_argument("--reference-step", action="store_true",
+                    help="only the 2D supervised, pre-training and R=3 co-training steps at 128x128 8+8 (the "
+                         "comparison with the reference implementation)")
+    bs.add_argument("--json", help="also write every measurement (single runs included) to this new JSON file")
+    bs.add_argument("--compile", action="store_true", help="also measure with torch.compile'd U-Nets")
+    bs.add_argument("--channels-last", action="store_true", help="also measure with channels-last memory format")
+    bs.add_argument("--bf16", action="store_true", help="also measure with CPU bfloat16 autocast")
+    bs.add_argument("--amp", action="store_true", help="also measure with CUDA bfloat16 autocast (GPU only)")
+    bs.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    bs.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bs.add_argument("--in-process", action="store_true",
+                    help="no fresh process per training row (faster start; memory figures less clean)")
     return p
 
 
@@ -123,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
+    from ..checkpoint import CheckpointWriteError
     from ..config import load_config
     from ..engine import distributed
     from ..engine.run import mean_table, train_run
@@ -132,7 +172,7 @@ def cmd_train(args) -> int:
     out = Path(args.out or Path("runs") / Path(args.config).name.removesuffix(".yaml"))
     try:
         results = train_run(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, CheckpointWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
@@ -194,5 +234,19 @@ def cmd_bench(args) -> int:
     return 1 if bench.failures else 0
 
 
+def cmd_export(args) -> int:
+    from ..evaluation.export import export_run
+
+    info = export_run(args.run, args.out, checkpoint=args.checkpoint, predictor=args.predictor)
+    print(json.dumps({k: info[k] for k in ("out", "method", "predictor", "net_dims", "num_classes")}))
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from ..bench_speed import run_from_args
+
+    return run_from_args(args)
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "export": cmd_export, "bench-speed": cmd_bench_speed}

@@ -112,14 +112,23 @@ def build_data(cfg: dict, *, all_labelled: bool = False) -> DataBundle:
                        seed=cfg["split"]["seed"])
     if all_labelled:  # the fully supervised upper bound: every training case is labelled, same validation
         split["labelled"], split["unlabelled"] = sorted(split["labelled"] + split["unlabelled"]), []
-    labelled = load_cases(data_cfg, split["labelled"])
+    labelled = require_labels(load_cases(data_cfg, split["labelled"]))
     unlabelled = load_cases(data_cfg, split["unlabelled"], with_label=False) if split["unlabelled"] else []
-    val = load_cases(data_cfg, split["val"]) if split["val"] else []
+    val = require_labels(load_cases(data_cfg, split["val"])) if split["val"] else []
     first = labelled[0]
     check_dims(first, cfg["data"]["dims"])
     return DataBundle(split, [prepare_case(c, data_cfg) for c in labelled],
                       [prepare_case(c, data_cfg) for c in unlabelled], val,
                       first.image.shape[0], first.spatial_dims)
+
+
+def require_labels(cases: list[Case]) -> list[Case]:
+    """Labelled and validation cases must have a label file: say which one lacks it, up front."""
+    for case in cases:
+        if case.label is None:
+            raise InputError(f"{case.source}: no label file for case {case.id!r}, which needs one (labelled or "
+                             "validation case)")
+    return cases
 
 
 def check_dims(case: Case, dims: int) -> None:

@@ -47,8 +47,11 @@ def check_config(cfg: dict) -> None:
     for key in ("steps", "batch_size", "unlabelled_batch_size"):
         if not isinstance(t[key], int) or t[key] < 1:
             raise InputError(f"train.{key}: {t[key]!r} must be a positive integer")
-    if not isinstance(t["lr"], int | float) or not t["lr"] > 0:
-        raise InputError(f"train.lr: {t['lr']!r} must be a positive number")
+    for key, value in (("train.lr", t["lr"]), ("superdiffusion.pretrain_lr", cfg["superdiffusion"]["pretrain_lr"])):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise InputError(f"{key}: {value!r} must be a positive number")
+    if isinstance(t["weight_decay"], bool) or not isinstance(t["weight_decay"], int | float) or t["weight_decay"] < 0:
+        raise InputError(f"train.weight_decay: {t['weight_decay']!r} must be a number >= 0")
     dc = cfg["diffusion"]
     if not isinstance(dc["timesteps"], int) or dc["timesteps"] < 1:
         raise InputError(f"diffusion.timesteps: {dc['timesteps']!r} must be a positive integer")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from ..data.pipeline import SUFFIX_FORMATS, file_suffix, input_refs, load_cases
+import numpy as np
+
+from ..data.pipeline import SUFFIX_FORMATS, file_suffix, input_refs, load_cases, require_labels
 from ..data.readers import load_case, read_mask, write_array, write_mask
 from ..errors import InputError
 from .inference import segment
@@ -26,6 +28,7 @@ def evaluate_run(run_dir, data_root, list_file=None, *, fmt=None, checkpoint=Non
     if data_cfg["format"] == "synthetic":
         raise InputError(f"{run_dir}: trained on synthetic data; pass --format for --data {data_root}")
     cases = load_cases(data_cfg)  # every case read and checked before the first prediction
+    require_labels(cases)
     per_case = {c.id: case_metrics(segment(run.probabilities(c)), c.label, spacing=c.spacing,
                                    num_classes=data_cfg["num_classes"]) for c in cases}
     return report(per_case, run=str(run_dir), checkpoint=run.checkpoint.name, predictor=run.predictor,
@@ -51,11 +54,16 @@ def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 2) -> dict:
     missing = sorted(set(gt) - set(pred))
     if missing:
         raise InputError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s), e.g. {missing[0]}")
-    pairs = {k: (read_mask(pred[k]), read_mask(gt[k])) for k in gt}  # read everything first
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise InputError(f"--num-classes: {num_classes!r} must be at least 2 (background included)")
+    pairs = {k: (read_mask(pred[k]), read_mask(gt[k])) for k in gt}  # read and check everything first
     for k, ((p, _), (g, _)) in pairs.items():
+        if p.shape != g.shape:
+            raise InputError(f"{pred[k]}: shape {p.shape} does not match the ground truth {gt[k]} {g.shape}")
         for path, arr in ((pred[k], p), (gt[k], g)):
-            if arr.min() < 0 or arr.max() >= num_classes:
-                raise InputError(f"{path}: label value {int(arr.max())} outside 0..{num_classes - 1}")
+            bad = np.unique(arr[(arr < 0) | (arr >= num_classes)])
+            if bad.size:
+                raise InputError(f"{path}: label value(s) {bad[:5].tolist()} outside 0..{num_classes - 1}")
     per_case = {k: case_metrics(p, g, num_classes=num_classes, spacing=spacing)
                 for k, ((p, _), (g, spacing)) in pairs.items()}
     return report(per_case, pred=str(pred_dir), gt=str(gt_dir))
@@ -74,6 +82,11 @@ def predict_files(run_dir, inputs, out_dir, *, checkpoint=None, predictor=None, 
     if mode and run.predictor != "teacher":
         raise InputError(f"--mode {mode}: applies to the teacher; add --predictor teacher")
     refs = input_refs(inputs)
+    ids = [r.id for r in refs]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        same = [str(r.image) for r in refs if r.id == twice[0]]
+        raise InputError(f"inputs {same[0]} and {same[1]} both give case id {twice[0]!r}: their masks would collide")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clashes = [r for r in refs if any(out_dir.glob(f"{r.id}.*")) or any(out_dir.glob(f"{r.id}_uncertainty.*"))]
