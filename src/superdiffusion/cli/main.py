@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value (repeatable), e.g. --set model.channels=[8,16,32]")
     bs.add_argument("--dims", choices=["2", "3", "both"], default="both", help="which models (default both)")
     bs.add_argument("--profile", choices=["quick", "full"], default="quick",
-                    help="quick (~3 min on 2 cores: 2D 128x128 8+8, 3D 32^3 1+1) or full (the config's 3D patch, "
+                    help="quick (~3 min on 2 cores: 2D 128x128 8+8, 3D 32^3 2+2) or full (the config's 3D patch, "
                          "whole LA volumes, more repeats)")
     bs.add_argument("--repeats", type=int, help="timed runs per row (the median is reported)")
     bs.add_argument("--warmup", type=int, help="untimed runs before them")
