@@ -181,11 +181,13 @@ def train_row(spec: dict) -> dict:
              "unlabelled": _images(bu, shape, variant, device, 3)}
     generator, step = torch.Generator().manual_seed(0), [0]
 
-    def one_step() -> None:
-        with _autocast(variant, device):
-            loss, _ = method.training_step(batch, step=step[0], total_steps=1000, generator=generator)
+    method.early_backward = True  # as the single-process trainer runs it
+
+    def one_step() -> None:  # the order of engine.trainer.Trainer.fit
         for o in optimizers:
             o.zero_grad(set_to_none=True)
+        with _autocast(variant, device):
+            loss, _ = method.training_step(batch, step=step[0], total_steps=1000, generator=generator)
         loss.backward()
         for o in optimizers:
             o.step()

@@ -296,6 +296,26 @@ def test_gradient_routing(student, round_mode):
     assert _reach(m, terms["sup"]) == {"student", "mask_net"}
 
 
+@pytest.mark.parametrize("round_mode", ["independent", "chained"])
+def test_early_round_backward_gives_the_same_gradient(round_mode):
+    """Back-propagating each round at once (flat memory in R) equals one backward of the whole loss."""
+    grads = []
+    for early in (False, True):
+        m = _cotrain("superdiffusion.rounds=3", f"superdiffusion.round_mode={round_mode}",
+                     "superdiffusion.round_weight=0.7")
+        m.train()
+        m.early_backward = early
+        m.zero_grad()
+        loss, logs = m.training_step(_small_batch(), step=3, total_steps=10, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append(({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, logs))
+    (plain, logs_plain), (early, logs_early) = grads
+    assert plain.keys() == early.keys()
+    for name in plain:
+        torch.testing.assert_close(early[name], plain[name], rtol=1e-4, atol=1e-6)
+    assert logs_early["loss"] == pytest.approx(logs_plain["loss"], rel=1e-6)
+
+
 def test_training_step_combines_terms():
     m = _cotrain("superdiffusion.rounds=2", "superdiffusion.round_weight=0.5", "superdiffusion.unlabelled_weight=2")
     m.train()

@@ -70,6 +70,18 @@ class Trainer:
         self.steps = int(tc["steps"] if steps is None else steps)
         self.validate = validate and bool(data.val) and getattr(method, "validates", True)
         self.progress = progress
+        self.device = resolve_device(tc["device"])
+        if self.device.type == "cuda" and distributed.rank_world()[1] > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        method.to(self.device)  # before the optimisers are built: they hold these parameters
+        self.memory_format = None
+        if tc["channels_last"]:
+            self.memory_format = torch.channels_last if cfg["data"]["dims"] == 2 else torch.channels_last_3d
+            method.to(memory_format=self.memory_format)
+        if tc["compile"]:
+            for module in method.modules():
+                if isinstance(module, UNet):
+                    module.compile()
         self.optimizers = {k: build_optimizer(p, tc, lr) for k, p in method.optimizer_groups().items()}
         self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(
             o, lambda s: lr_factor(s, total=self.steps, warmup=tc["warmup"], schedule=tc["lr_schedule"]))
@@ -92,18 +104,7 @@ class Trainer:
         self.generator = torch.Generator()  # re-seeded from (seed, step, rank) before every step
         self.step, self.best = 0, -1.0
         self.rank, self.world = distributed.rank_world()
-        self.device = resolve_device(tc["device"])
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        method.to(self.device)
-        self.memory_format = None
-        if tc["channels_last"]:
-            self.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
-            method.to(memory_format=self.memory_format)
-        if tc["compile"]:
-            for module in method.modules():
-                if isinstance(module, UNet):
-                    module.compile()
+        method.early_backward = self.world == 1
         self.model = method  # what the step is called through: DDP averages the gradients across ranks
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -158,6 +159,8 @@ class Trainer:
                         self.step, tc["unlabelled_batch_size"], rank=self.rank)["image"]
                 batch = {k: self.to_device(v) for k, v in batch.items()}
                 self.generator.manual_seed(hash_seed(self.seed, self.step, self.rank))
+                for o in self.optimizers.values():
+                    o.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(tc["amp"])):
                     loss, logs = self.model(batch, step=self.step, total_steps=self.steps,
                                             generator=self.generator)
@@ -165,8 +168,6 @@ class Trainer:
                     raise NonFiniteLossError(
                         f"step {self.step}: loss is {loss.item()}; stopped, last good checkpoint kept in "
                         f"{self.ckpt_dir} (lower train.lr?)")
-                for o in self.optimizers.values():
-                    o.zero_grad(set_to_none=True)
                 loss.backward()
                 for o in self.optimizers.values():
                     o.step()

@@ -24,6 +24,10 @@ class Method(nn.Module):
 
     name = "method"
     uses_unlabelled = False  # whether the trainer must feed an unlabelled stream ("unlabelled" key)
+    # Set by the trainer when gradients are zeroed before the step and no DDP reducer waits for a single
+    # backward: a method may then back-propagate independent parts of its loss inside the step, to free
+    # memory, and return them detached.
+    early_backward = False
 
     def __init__(self, cfg: dict, *, dims: int, in_channels: int, num_classes: int):
         super().__init__()

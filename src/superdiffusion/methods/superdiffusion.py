@@ -192,8 +192,14 @@ class CoTrain(Method):
         m_t = T.diffusion.q_sample(T.null_mask(x), t, T.randn_like_mask(x, generator))
         return self.student(torch.cat([m_t, x], 1), t)
 
-    def losses(self, batch: Batch, *, step: int, total_steps: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """Each term separately (tests check where each one's gradient goes)."""
+    def losses(self, batch: Batch, *, step: int, total_steps: int, generator: torch.Generator,
+               backward_rounds: float = 0.0) -> dict[str, Tensor]:
+        """Each term separately (tests check where each one's gradient goes).
+
+        backward_rounds > 0: back-propagate each round's terms at once, times this weight, and keep only
+        their values. A round's inputs are all detached, so the gradient is the same, but the memory of
+        the step no longer grows with R.
+        """
         sd, T, d = self.cfg["superdiffusion"], self.teacher, self.teacher.diffusion
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
         x, n_l = torch.cat([x_l, x_u]), len(x_l)
@@ -211,23 +217,27 @@ class CoTrain(Method):
                 t = d.sample_timesteps(len(x), generator=generator)
                 eps = torch.randn(x.shape, generator=generator).to(x)
                 eps_hat, x_t = T.image_noise(x, to_signal(mask), t, eps)
-                rec = rec + F.mse_loss(eps_hat, eps)
                 x_r = d.predict_x0_from_eps(x_t, t, eps_hat).detach().clamp(-1, 1)
                 p_r = T.mask_logits(x_r, d.sample_timesteps(len(x), generator=generator),
                                     T.randn_like_mask(x, generator))
-                align = align + self.dice(p_r, target)
+                r_rec, r_align = F.mse_loss(eps_hat, eps), self.dice(p_r, target)
                 if sd["round_mode"] == "chained":
                     mask = torch.softmax(p_r, 1).detach()
+                if backward_rounds:
+                    (backward_rounds / rounds * (r_rec + r_align)).backward()
+                    r_rec, r_align = r_rec.detach(), r_align.detach()
+                rec, align = rec + r_rec, align + r_align
             out["rec"], out["align"] = rec / rounds, align / rounds
         return out
 
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         sd = self.cfg["superdiffusion"]
-        terms = self.losses(batch, step=step, total_steps=total_steps, generator=generator)
+        terms = self.losses(batch, step=step, total_steps=total_steps, generator=generator,
+                            backward_rounds=sd["round_weight"] if self.early_backward else 0.0)
         w = sd["unlabelled_weight"] * linear_ramp(step, total_steps)
         loss = terms["sup"] + w * terms["cps"]
-        if "rec" in terms:  # lambda / R per round == lambda times the per-round mean
+        if "rec" in terms:  # lambda / R per round == lambda times the per-round mean (no gradient if done early)
             loss = loss + sd["round_weight"] * (terms["rec"] + terms["align"])
         return loss, {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "w": w}
 
