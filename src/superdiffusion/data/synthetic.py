@@ -8,6 +8,7 @@ on (seed, index), so a dataset of any size is reproducible without storing it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -154,14 +155,7 @@ def write_synthetic_dataset(
                 f.create_dataset("label", data=case.label.astype(np.uint8), compression="gzip")
         elif fmt in ("volumes", "volumes-nrrd"):
             kind = "nifti" if fmt == "volumes" else "nrrd"
-            disk = Case(
-                case.id,
-                case.image,
-                case.label,
-                case.spacing,
-                case.source,
-                {"format": kind, "affine": np.eye(4).tolist()},
-            )
+            disk = replace(case, meta={"format": kind, "affine": np.eye(4).tolist()})
             write_array(case.image[0], disk, root / "images", "", overwrite=overwrite)
             write_mask(case.label, disk, root / "labels", overwrite=overwrite)
         else:
@@ -171,14 +165,7 @@ def write_synthetic_dataset(
             path.parent.mkdir(parents=True, exist_ok=True)
             pixels = _to_uint8(case.image[0] if channels == 1 else np.moveaxis(case.image, 0, -1))
             Image.fromarray(pixels).save(path)
-            disk = Case(
-                case.id,
-                case.image,
-                case.label,
-                case.spacing,
-                case.source,
-                {"format": "image2d", "suffix": ".png"},
-            )
+            disk = replace(case, meta={"format": "image2d", "suffix": ".png"})
             write_mask(case.label, disk, root / "labels", overwrite=overwrite)
     if fmt == "la":
         (root / "train.list").write_text("".join(f"{c.id}\n" for c in cases))
