@@ -1,9 +1,9 @@
-"""Speed benchmark script: the same as `superdiffusion bench-speed` (see superdiffusion/bench_speed.py).
+"""Speed benchmark script: the same as `superdiffusion bench-speed` (see superdiffusion/bench/speed.py).
 
     python benchmarks/speed.py --profile quick --json speed.json
 """
 
-from superdiffusion.bench_speed import main
+from superdiffusion.bench.speed import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

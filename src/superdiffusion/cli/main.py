@@ -243,7 +243,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench_speed(args) -> int:
-    from ..bench_speed import run_from_args
+    from ..bench.speed import run_from_args
 
     return run_from_args(args)
 

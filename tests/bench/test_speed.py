@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from superdiffusion.bench_speed import TRAIN_ROWS, _Runner, format_report, run_benchmark
+from superdiffusion.bench.speed import TRAIN_ROWS, _Runner, format_report, run_benchmark
 from superdiffusion.cli.main import main
 
 TINY = {"train2d": [16, 16], "batch2d": [2, 1], "train3d": [8, 8, 8], "batch3d": [1, 1], "window2d": [16, 16],

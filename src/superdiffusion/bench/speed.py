@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import load_config
-from .errors import InputError
+from ..config import load_config
+from ..errors import InputError
 
 DEFAULT_CONFIGS = {2: "la2d-superdiffusion", 3: "la3d-superdiffusion"}
 # The reference implementation on the 2-core machine, and the issue's targets (a tenth / a quarter of it).
@@ -136,7 +136,7 @@ def _config(spec: dict, method: str, extra: Sequence[str] = ()) -> dict:
 
 def _prepare(method: torch.nn.Module, variant: dict, dims: int) -> None:
     """Apply the opt-in switches to every U-Net of a method (in place, so isinstance checks still hold)."""
-    from .nets.unet import UNet
+    from ..nets.unet import UNet
 
     fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
     for net in [m for m in method.modules() if isinstance(m, UNet)]:
@@ -164,8 +164,8 @@ def _images(n: int, shape: Sequence[int], variant: dict, device: torch.device, s
 
 def train_row(spec: dict) -> dict:
     """Median time and peak memory of one method's training step + backward + optimiser steps."""
-    from .engine.trainer import build_optimizer
-    from .methods import build_method
+    from ..engine.trainer import build_optimizer
+    from ..methods import build_method
 
     device, variant, shape, (bl, bu) = torch.device(spec["device"]), spec["variant"], spec["shape"], spec["batch"]
     cfg = _config(spec, spec["method"], spec["row_overrides"])
@@ -203,9 +203,9 @@ def train_row(spec: dict) -> dict:
 
 def infer_rows(spec: dict) -> list[dict]:
     """Teacher (one fixed pass, k-step DDIM, ensemble of n) per image, student per whole LA-size volume."""
-    from .data.case import Case
-    from .evaluation.inference import predict_probabilities
-    from .methods import build_method
+    from ..data.case import Case
+    from ..evaluation.inference import predict_probabilities
+    from ..methods import build_method
 
     device, variant, window = torch.device(spec["device"]), spec["variant"], spec["window"]
     cfg = _config(spec, "cotrain", [f"train.patch={list(window)}"])
@@ -273,7 +273,7 @@ class _Runner:
         self.isolate = isolate
         if isolate:
             self.ctx = multiprocessing.get_context("forkserver")
-            self.ctx.set_forkserver_preload(["torch", "superdiffusion.bench_speed", "superdiffusion.methods",
+            self.ctx.set_forkserver_preload(["torch", "superdiffusion.bench.speed", "superdiffusion.methods",
                                              "superdiffusion.engine.trainer", "superdiffusion.evaluation.inference"])
 
     def __call__(self, task: str, spec: dict):
@@ -448,10 +448,10 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m superdiffusion.bench_speed` / benchmarks/speed.py: `superdiffusion bench-speed` by another name."""
+    """`python -m superdiffusion.bench.speed` / benchmarks/speed.py: `superdiffusion bench-speed` by another name."""
     import sys
 
-    from .cli.main import main as cli
+    from ..cli.main import main as cli
 
     return cli(["bench-speed", *(sys.argv[1:] if argv is None else argv)])
 
