@@ -388,3 +388,12 @@ def test_predict_refuses_inputs_with_the_same_case_id_before_writing(trained, tm
                  str(b / "images" / "synth000.nii.gz"), "--out", str(out)]) == 2
     _one_error_line(capsys, "synth000")
     assert not out.exists() or not any(out.iterdir()), "a mask was written before the input error"
+
+
+def test_evaluate_refuses_to_overwrite_its_output(tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    out.write_text("{}")
+    assert main(["evaluate", "--pred", str(tmp_path), "--gt", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scores.json" in err[0] and "exists" in err[0]
+    assert out.read_text() == "{}"

@@ -185,6 +185,8 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from ..evaluation.evaluate import evaluate_folders, evaluate_run
 
+    if args.out and Path(args.out).exists():  # checked before any prediction; never overwrite a user's file
+        raise InputError(f"{args.out}: exists already; choose another --out")
     if args.pred or args.gt:
         if not (args.pred and args.gt) or args.run:
             raise InputError("evaluate: give either RUN --data DIR, or both --pred DIR and --gt DIR")
