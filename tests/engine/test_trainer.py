@@ -236,16 +236,22 @@ def test_resume_falls_back_to_prev_when_last_is_corrupt(tmp_path, tiny_cfg, monk
     assert [r["step"] for r in _train_lines(run)][-6:] == [3, 4, 5, 6, 7, 8]
 
 
-def test_resume_uses_prev_when_last_is_missing(tmp_path, tiny_cfg, monkeypatch):
+def _interrupted_at_step_5(tmp_path, tiny_cfg, monkeypatch) -> tuple[dict, Path]:
+    """An 8-step run stopped inside step 5 (checkpoints every 2 steps): its config and folder."""
     cfg = tiny_cfg("train.steps=8", "train.val_every=0")
     run = tmp_path / "run"
     with monkeypatch.context() as m:
         _interrupt_at(m, 5)
         with pytest.raises(KeyboardInterrupt):
             train_run(cfg, run, progress=False)
+    return cfg, run
+
+
+def test_resume_uses_prev_when_last_is_missing(tmp_path, tiny_cfg, monkeypatch):
+    cfg, run = _interrupted_at_step_5(tmp_path, tiny_cfg, monkeypatch)
     last = run / "checkpoints" / "last.pt"
     assert load_checkpoint(previous_path(last))["step"] == 2
-    last.unlink()  # the state save_checkpoint leaves if killed between os.replace(last, prev) and os.replace(tmp, last)
+    last.unlink()  # a last.pt lost by other means (save_checkpoint itself never leaves this state)
     steps = _count_steps(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -255,12 +261,7 @@ def test_resume_uses_prev_when_last_is_missing(tmp_path, tiny_cfg, monkeypatch):
 
 
 def test_resume_tolerates_a_torn_log_line(tmp_path, tiny_cfg, monkeypatch):
-    cfg = tiny_cfg("train.steps=8", "train.val_every=0")
-    run = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _interrupt_at(m, 5)
-        with pytest.raises(KeyboardInterrupt):
-            train_run(cfg, run, progress=False)
+    cfg, run = _interrupted_at_step_5(tmp_path, tiny_cfg, monkeypatch)
     log = run / "log.jsonl"
     log.write_text(log.read_text() + '{"step": 6, "ti')  # the line being written when the process died
     train_run(cfg, run, resume=True, progress=False)
