@@ -92,6 +92,14 @@ def test_interrupted_run_is_resumed(main_bench, count_training):
     assert (run / "DONE").is_file() and len(read_rows(main_bench)) == 16
 
 
+def test_parallel_jobs_match_serial_runs(main_bench, tmp_path):
+    """--jobs 2 trains the runs in two spawned processes and gives the serial bench's numbers."""
+    out = tmp_path / "parallel"
+    assert bench(out, "--methods", "supervised", "--fractions", "0.25", "--seeds", "0,1", "--jobs", "2") == 0
+    serial = [r for r in read_rows(main_bench) if r["method"] == "supervised"]
+    assert read_rows(out) == serial and len(serial) == 8
+
+
 def test_separate_test_set(tmp_path):
     train = write_synthetic_dataset(tmp_path / "train", 10, dims=3, shape=(32, 32, 8), seed=0, fmt="la")
     test = write_synthetic_dataset(tmp_path / "elsewhere" / "test", 12, dims=3, shape=(32, 32, 8), seed=1, fmt="la")
@@ -141,6 +149,7 @@ def test_ablations_have_tables_and_plots(tmp_path, count_training):
     (["--protocol", "synthetic", "--set", "split.val=0"], "nothing to evaluate"),
     (["--protocol", "synthetic", "--set", "train.stepz=3"], "train.stepz"),
     (["--protocol", "synthetic", "--fractions", "20"], "split.labelled"),
+    (["--protocol", "synthetic", "--jobs", "0"], "--jobs"),
 ])
 def test_bad_inputs_fail_before_training(tmp_path, monkeypatch, capsys, args, needle):
     monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("trained despite bad input"))

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from ..config import merge
@@ -206,7 +211,7 @@ def load_test_set(cfg: dict, test_data: str, test_list: str | None) -> TestSet:
 def run_bench(protocol: str, *, out: str | Path, methods: str | None = None, fractions: str | None = None,
               seeds: str | None = None, ablation: str | None = None, train_data: str | None = None,
               train_list: str | None = None, test_data: str | None = None, test_list: str | None = None,
-              steps: int | None = None, overrides: list[str] = (), progress: bool = True) -> Bench:
+              steps: int | None = None, overrides: list[str] = (), progress: bool = True, jobs: int = 1) -> Bench:
     """Check the whole plan, train what is missing, then (re)write every table and figure."""
     from . import figures, report
 
@@ -226,6 +231,8 @@ def run_bench(protocol: str, *, out: str | Path, methods: str | None = None, fra
         seed_list = [int(s) for s in parse_list(seeds, "--seeds")] or [int(s) for s in proto.bench["seeds"]]
     except ValueError:
         raise InputError(f"--seeds: {seeds!r} must be integers, e.g. 0,1,2") from None
+    if jobs < 1:
+        raise InputError(f"--jobs: {jobs} must be a positive integer")
     if steps is not None and steps < 1:
         raise InputError(f"--steps: {steps} must be a positive integer")
     if test_list and not test_data:
@@ -258,26 +265,66 @@ def run_bench(protocol: str, *, out: str | Path, methods: str | None = None, fra
 
     out.mkdir(parents=True, exist_ok=True)
     runs = bench.runs()
+    todo = []
     for i, spec in enumerate(runs, 1):
         head = f"[{i}/{len(runs)}] {spec.run_dir.relative_to(out)}"
         if (spec.run_dir / DONE).is_file():
             print(f"{head}: finished, skipped", flush=True)
-            continue
-        resume = (spec.run_dir / "config.yaml").is_file()
-        print(f"{head}: {'resuming' if resume else 'training'}", flush=True)
-        try:
-            train_run(spec.cfg, spec.run_dir, resume=resume, progress=progress)
-        except NonFiniteLossError as err:
-            bench.failures.append(f"{spec.run_dir.relative_to(out)}: {err}")
-            print(f"{head}: failed ({err})", flush=True)
-            continue
-        report.write_results(bench, collect_rows(bench))  # partial tables while the rest trains
+        else:
+            todo.append((head, spec, (spec.run_dir / "config.yaml").is_file()))
+    if jobs > 1 and len(todo) > 1:
+        train_parallel(bench, todo, jobs)
+    else:
+        for head, spec, resume in todo:
+            print(f"{head}: {'resuming' if resume else 'training'}", flush=True)
+            try:
+                train_run(spec.cfg, spec.run_dir, resume=resume, progress=progress)
+            except NonFiniteLossError as err:
+                bench.failures.append(f"{spec.run_dir.relative_to(out)}: {err}")
+                print(f"{head}: failed ({err})", flush=True)
+                continue
+            report.write_results(bench, collect_rows(bench))  # partial tables while the rest trains
     rows = collect_rows(bench)
     report.write_results(bench, rows)
     figures.write_figures(bench, rows)
     report.write_results(bench, rows)  # again: summary.md lists the figures that were made
     print(f"wrote {out / 'results.csv'}, {out / 'summary.md'} and figures", flush=True)
     return bench
+
+
+def _train_in_worker(cfg: dict, run_dir: str, resume: bool, threads: int) -> float:
+    """One run in a worker process (quiet); returns its wall time."""
+    if not cfg["train"]["threads"]:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    train_run(cfg, run_dir, resume=resume, progress=False)
+    return time.perf_counter() - t0
+
+
+def train_parallel(bench: Bench, todo: list[tuple[str, RunSpec, bool]], jobs: int) -> None:
+    """Up to `jobs` runs at once in spawned processes (safe with CUDA); tables are rewritten as runs finish.
+
+    Runs never share a folder, so they cannot collide; an interrupted bench resumes as in the serial case.
+    """
+    from . import report
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"training {len(todo)} runs, {jobs} at a time ({threads} torch thread(s) each)", flush=True)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for head, spec, resume in todo:
+            print(f"{head}: {'resuming' if resume else 'training'}", flush=True)
+            futures[pool.submit(_train_in_worker, spec.cfg, str(spec.run_dir), resume, threads)] = (head, spec)
+        for future in as_completed(futures):
+            head, spec = futures[future]
+            try:
+                seconds = future.result()
+            except NonFiniteLossError as err:
+                bench.failures.append(f"{spec.run_dir.relative_to(bench.out)}: {err}")
+                print(f"{head}: failed ({err})", flush=True)
+                continue
+            print(f"{head}: finished in {seconds:.0f} s", flush=True)
+            report.write_results(bench, collect_rows(bench))
 
 
 # ------------------------------------------------------------------------------------------ evaluation

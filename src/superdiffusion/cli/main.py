@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for quick looks")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a protocol config value for every run, e.g. --set train.threads=1 (repeatable)")
+    b.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train up to N runs at once in separate processes (e.g. several runs sharing one GPU, or "
+                        "a many-core machine); each gets cores/N torch threads unless train.threads is set")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     x = sub.add_parser("export", help="save a run's predictor as a TorchScript file that needs only PyTorch",
@@ -227,7 +230,8 @@ def cmd_bench(args) -> int:
         bench = run_bench(args.protocol, out=args.out, methods=args.methods, fractions=args.fractions,
                           seeds=args.seeds, ablation=args.ablation, train_data=args.train_data,
                           train_list=args.train_list, test_data=args.test_data, test_list=args.test_list,
-                          steps=args.steps, overrides=args.overrides, progress=not args.no_progress)
+                          steps=args.steps, overrides=args.overrides, progress=not args.no_progress,
+                          jobs=args.jobs)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
