@@ -123,7 +123,8 @@ def qualitative(bench, n_cases: int | None = None) -> Path | None:
 
         def probs(fn, view=view, data_cfg=data_cfg, dims=dims) -> np.ndarray:
             return predict_probabilities(fn, view, data_cfg=data_cfg, dims=dims, patch=cfg["train"]["patch"],
-                                         overlap=ec["overlap"], sw_batch_size=ec["sw_batch_size"])
+                                         overlap=ec["overlap"], sw_batch_size=ec["sw_batch_size"],
+                                         device=run.device)
 
         panels = [view.image[0], segment(probs(preds["teacher"])), segment(probs(preds["student"])), view.label,
                   probs(uncertainty)[0]]

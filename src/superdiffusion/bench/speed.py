@@ -231,7 +231,7 @@ def infer_rows(spec: dict) -> list[dict]:
 
     def whole_volume() -> None:
         predict_probabilities(student, case, data_cfg=cfg["data"], dims=cfg["data"]["dims"], patch=list(window),
-                              overlap=ec["overlap"], sw_batch_size=ec["sw_batch_size"])
+                              overlap=ec["overlap"], sw_batch_size=ec["sw_batch_size"], device=device)
 
     slices = spec["volume"][cfg["data"]["slice_axis"]] if cfg["data"]["dims"] == 2 else spec["volume"][-1]
     jobs.append(("student volume", whole_volume, 1, "volume"))

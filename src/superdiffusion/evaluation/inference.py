@@ -28,8 +28,10 @@ def predict_probabilities(logits_fn: LogitsFn, case: Case, *, data_cfg: dict, di
     roi = tuple(int(p) for p in patch)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(sliding_window_inference(batch, roi, sw_batch_size, logits_fn, overlap=overlap,
-                                                      mode="gaussian", sw_device=device, device="cpu"), dim=1)
+        # windows are stitched where they run (no copy per window), then the slab comes back once
+        logits = sliding_window_inference(batch, roi, sw_batch_size, logits_fn, overlap=overlap, mode="gaussian",
+                                          sw_device=device, device=device)
+        return torch.softmax(logits, dim=1).cpu()
 
     if dims == 2 and image.ndim == 4:  # a 3D case through a 2D network: slices become the batch
         axis = 1 + data_cfg["slice_axis"]

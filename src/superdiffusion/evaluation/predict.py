@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..checkpoint import config_of, load_checkpoint
 from ..data.case import Case
@@ -23,6 +24,11 @@ class LoadedRun:
     method: Method
     predictor: str  # which of method.predictors() to use
     checkpoint: Path
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights were put (the config's train.device); inference windows run there."""
+        return next(self.method.parameters()).device
 
     def teacher(self, mode: str | None = None, **options) -> Callable:
         """The diffusion teacher's logits function in a given inference mode (fixed, ddim, ensemble)."""
@@ -44,7 +50,7 @@ class LoadedRun:
         ec = self.cfg["eval"]
         return predict_probabilities(fn, case, data_cfg=self.cfg["data"], dims=self.cfg["data"]["dims"],
                                      patch=self.cfg["train"]["patch"], overlap=ec["overlap"],
-                                     sw_batch_size=ec["sw_batch_size"], device=next(self.method.parameters()).device)
+                                     sw_batch_size=ec["sw_batch_size"], device=self.device)
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str | None = None, predictor: str | None = None) -> LoadedRun:
