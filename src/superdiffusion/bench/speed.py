@@ -188,7 +188,8 @@ def train_row(spec: dict) -> dict:
             o.zero_grad(set_to_none=True)
         with _autocast(variant, device):
             loss, _ = method.training_step(batch, step=step[0], total_steps=1000, generator=generator)
-        loss.backward()
+        if loss.requires_grad:  # SuperDiffusion back-propagates its parts early
+            loss.backward()
         for o in optimizers:
             o.step()
         method.after_step(step[0])

@@ -168,7 +168,8 @@ class Trainer:
                     raise NonFiniteLossError(
                         f"step {self.step}: loss is {loss.item()}; stopped, last good checkpoint kept in "
                         f"{self.ckpt_dir} (lower train.lr?)")
-                loss.backward()
+                if loss.requires_grad:  # a method may have back-propagated its terms early (memory)
+                    loss.backward()
                 for o in self.optimizers.values():
                     o.step()
                 for s in self.schedulers.values():

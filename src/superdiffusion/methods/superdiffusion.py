@@ -193,12 +193,13 @@ class CoTrain(Method):
         return self.student(torch.cat([m_t, x], 1), t)
 
     def losses(self, batch: Batch, *, step: int, total_steps: int, generator: torch.Generator,
-               backward_rounds: float = 0.0) -> dict[str, Tensor]:
+               early: tuple[float, float] | None = None) -> dict[str, Tensor]:
         """Each term separately (tests check where each one's gradient goes).
 
-        backward_rounds > 0: back-propagate each round's terms at once, times this weight, and keep only
-        their values. A round's inputs are all detached, so the gradient is the same, but the memory of
-        the step no longer grows with R.
+        early = (w, lambda): back-propagate sup + w cps as soon as it is computed, then each round's terms
+        times lambda / R, keeping only their values. Every input that crosses between these parts is
+        detached (pseudo-labels, the teacher's mask, the re-synthesised images), so the gradient is the
+        same, but the step's memory is that of its largest part, not the sum of all: flat in R.
         """
         sd, T, d = self.cfg["superdiffusion"], self.teacher, self.teacher.diffusion
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
@@ -208,6 +209,9 @@ class CoTrain(Method):
         pseudo_t, pseudo_s = p_t[n_l:].argmax(1).detach(), p_s[n_l:].argmax(1).detach()
         out = {"sup": self.sup_loss(p_s[:n_l], y) + self.sup_loss(p_t[:n_l], y),
                "cps": self.dice(p_s[n_l:], pseudo_t) + self.dice(p_t[n_l:], pseudo_s)}
+        if early:
+            (out["sup"] + early[0] * out["cps"]).backward()
+            out = {k: v.detach() for k, v in out.items()}
         rounds = sd["rounds"]
         if rounds:
             target = torch.cat([y, pseudo_s])
@@ -223,8 +227,8 @@ class CoTrain(Method):
                 r_rec, r_align = F.mse_loss(eps_hat, eps), self.dice(p_r, target)
                 if sd["round_mode"] == "chained":
                     mask = torch.softmax(p_r, 1).detach()
-                if backward_rounds:
-                    (backward_rounds / rounds * (r_rec + r_align)).backward()
+                if early:
+                    (early[1] / rounds * (r_rec + r_align)).backward()
                     r_rec, r_align = r_rec.detach(), r_align.detach()
                 rec, align = rec + r_rec, align + r_align
             out["rec"], out["align"] = rec / rounds, align / rounds
@@ -233,11 +237,11 @@ class CoTrain(Method):
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         sd = self.cfg["superdiffusion"]
-        terms = self.losses(batch, step=step, total_steps=total_steps, generator=generator,
-                            backward_rounds=sd["round_weight"] if self.early_backward else 0.0)
         w = sd["unlabelled_weight"] * linear_ramp(step, total_steps)
-        loss = terms["sup"] + w * terms["cps"]
-        if "rec" in terms:  # lambda / R per round == lambda times the per-round mean (no gradient if done early)
+        terms = self.losses(batch, step=step, total_steps=total_steps, generator=generator,
+                            early=(w, sd["round_weight"]) if self.early_backward else None)
+        loss = terms["sup"] + w * terms["cps"]  # detached (already back-propagated) when early
+        if "rec" in terms:  # lambda / R per round == lambda times the per-round mean
             loss = loss + sd["round_weight"] * (terms["rec"] + terms["align"])
         return loss, {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "w": w}
 
