@@ -43,7 +43,7 @@ def write_config(tmp_path: Path, method: str, **train) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", ["supervised", "superdiffusion", "mean-teacher", "cps"])
+@pytest.mark.parametrize("method", ["supervised", "superdiffusion", "mean-teacher", "ua-mt", "cps", "bcp"])
 def test_two_process_training(tmp_path, method):
     out = tmp_path / "run"
     proc = torchrun(write_config(tmp_path, method), out)
