@@ -16,6 +16,7 @@ from superdiffusion.methods.baselines import (
     BCP,
     CPS,
     UAMT,
+    BCPPretrain,
     MeanTeacher,
     box_mask,
     masked_dice_ce,
@@ -124,3 +125,52 @@ def test_learns_on_synthetic(tmp_path, name):
               if "loss" in r]
     assert len(losses) == 30 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     assert results["val"][results["predictor"]]["mean"]["dice"]["mean"] > DICE_FLOOR
+
+
+def test_bcp_pretrains_on_labelled_copy_paste_then_starts_its_teacher_from_it(tmp_path):
+    """BCP's stage 1 runs in pretrain/ for 2/15 of the steps on labelled mixes; the EMA teacher starts from it."""
+    cfg = load_config(None, [
+        "method=bcp", "data.format=synthetic", "data.synthetic={cases: 12, shape: [32, 32], seed: 0}",
+        "split.labelled=4", "split.val=2", "model.channels=[4, 8]", "train.patch=[32, 32]", "train.batch_size=2",
+        "train.unlabelled_batch_size=2", "train.steps=15", "train.val_every=0", "train.ckpt_every=15",
+        "train.threads=1"])
+    train_run(cfg, tmp_path / "bcp", progress=False)
+    stage_log = [json.loads(r) for r in (tmp_path / "bcp" / "pretrain" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in stage_log if "loss" in r] == [1, 2]  # round(15 * 2000 / 15000)
+    m = BCP(cfg, dims=2, in_channels=1, num_classes=2)
+    stage = m.stages()[0]
+    assert stage.method.student is m.student and not getattr(stage.method, "uses_unlabelled", False)
+    with torch.no_grad():
+        m.student.stem.conv1[0].weight.add_(1.0)  # as if stage 1 had trained it
+    m.after_stages()
+    for t, s in zip(m.teacher.state_dict().values(), m.student.state_dict().values()):
+        assert torch.equal(t, s)
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in network that returns the given logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+def test_bcp_pretrain_mixes_labels_with_their_images():
+    """A prediction equal to the pasted label map scores ~0; the unmixed label map does not."""
+    cfg = load_config(None, ["method=bcp", "model.channels=[4, 8]"])
+    y = torch.zeros(2, 12, 12, dtype=torch.long)
+    y[0, :6] = 1  # image 0: top half; image 1: empty
+    mask = box_mask((12, 12), BCP.box_ratio, torch.Generator().manual_seed(0))
+    mixed = (y * mask + y.roll(1, 0) * (1 - mask)).long()
+
+    def loss_of(labels: torch.Tensor) -> float:
+        logits = 50 * torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+        stage = BCPPretrain(cfg, student=_Fixed(logits), dims=2, in_channels=1, num_classes=2)
+        loss, _ = stage.training_step({"image": torch.randn(2, 1, 12, 12), "label": y}, step=0, total_steps=1,
+                                      generator=torch.Generator().manual_seed(0))
+        return float(loss)
+
+    assert loss_of(mixed) < 1e-3 < loss_of(y)

@@ -124,12 +124,11 @@ def paired_table(rows: list[dict], labels: list[str], fractions: list) -> list[s
 
 
 def _steps(cfg: dict) -> str:
-    t, sd = cfg["train"], cfg["superdiffusion"]
+    t, cls = cfg["train"], method_class(cfg["method"])
     text = f"{t['steps']} steps (batch {t['batch_size']}"
-    text += f" + {t['unlabelled_batch_size']} unlabelled)" if method_class(cfg["method"]).uses_unlabelled else ")"
-    if cfg["method"] == "superdiffusion" and sd["pretrained"]:
-        text = f"{sd['pretrain_steps']} cycle pre-training steps, then {text} co-training"
-    return text
+    text += f" + {t['unlabelled_batch_size']} unlabelled)" if cls.uses_unlabelled else ")"
+    note = cls.stages_note(cfg)
+    return f"{note}, then {text}" if note else text
 
 
 def _run_results(bench) -> dict[Path, dict]:

@@ -113,6 +113,7 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     method = build_method(cfg, in_channels=data.in_channels)
     for stage in method.stages():  # earlier stages of a pipeline (SuperDiffusion's pre-training)
         run_stage(stage, cfg, data, run_dir / stage.folder, resume=resume, progress=progress)
+    method.after_stages()  # before fit(): a resumed run's checkpoint then overrides what this sets
     summary = Trainer(method, cfg, data, run_dir, progress=progress).fit(resume=resume)
     if rank != 0:  # rank 0 alone evaluates and records
         return {"steps": summary["step"], "rank": rank}

@@ -57,6 +57,14 @@ class Method(nn.Module):
         """Stages trained before this method's own (none by default)."""
         return []
 
+    @classmethod
+    def stages_note(cls, cfg: dict) -> str | None:
+        """What the earlier stages do, for reports ("500 cycle pre-training steps"); None without stages."""
+        return None
+
+    def after_stages(self) -> None:
+        """Hook once the earlier stages are trained (or reloaded), before this method's own training."""
+
     def after_step(self, step: int) -> None:
         """Hook after the optimisers stepped (EMA updates)."""
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import Batch, Method, dice_loss
+from .base import Batch, Method, Stage, dice_loss
 
 
 def sigmoid_ramp(step: int, total_steps: int) -> float:
@@ -191,26 +191,73 @@ def masked_dice_ce(logits: Tensor, target: Tensor, mask: Tensor, smooth: float =
     return 1 - dice.mean() + ce
 
 
-class BCP(MeanTeacher):
-    """Bidirectional copy-paste (Bai et al., CVPR 2023), the self-training stage of its LA code.
+def mix_loss(logits: Tensor, outside: Tensor, inside: Tensor, mask: Tensor, *, outside_weight: float,
+             inside_weight: float) -> Tensor:
+    """BCP's loss on a copy-paste mix: targets `outside` where mask = 1, `inside` in the pasted box."""
+    return (outside_weight * masked_dice_ce(logits, outside, mask)
+            + inside_weight * masked_dice_ce(logits, inside, 1 - mask)) / 2
 
-    The EMA teacher's argmax pseudo-labels the unlabelled images; a box of box_ratio (2/3) of each side, at a
-    random position, is pasted from an unlabelled image into a labelled one and from a labelled image into
-    an unlabelled one; the student learns both mixes with (Dice + CE) / 2 against the same mix of (label,
+
+class BCPPretrain(Method):
+    """BCP's first stage: copy-paste between labelled images only (image i gets a box of image i - 1, and
+    its label likewise), both regions weighted 1. It gives the self-training stage a student, and so an EMA
+    teacher, whose pseudo-labels are worth pasting from the first step."""
+
+    name = "bcp-pretrain"
+    validates = False  # the last step is kept, as the reference's schedule
+
+    def __init__(self, cfg: dict, *, student: nn.Module | None = None, **kw):
+        super().__init__(cfg, **kw)
+        self.student = student if student is not None else self.segmentation_net()
+
+    def training_step(self, batch: Batch, *, step: int, total_steps: int,
+                      generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x, y = batch["image"], batch["label"]
+        mask = box_mask(tuple(x.shape[2:]), BCP.box_ratio, generator).to(x)
+        mix = x * mask + x.roll(1, 0) * (1 - mask)
+        loss = mix_loss(self.student(mix), y, y.roll(1, 0), mask.expand(len(x), *mask.shape),
+                        outside_weight=1.0, inside_weight=1.0)
+        return loss, {"loss": loss.item()}
+
+    def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        return {"student": self.student}
+
+
+class BCP(MeanTeacher):
+    """Bidirectional copy-paste (Bai et al., CVPR 2023), its LA code's two stages.
+
+    Stage 1 (BCPPretrain, pretrain_share of train.steps, as their 2000 of 15000 iterations): copy-paste
+    between labelled images. Stage 2, self-training: the EMA teacher (started as a copy of the stage-1
+    student) argmax pseudo-labels the unlabelled images; a box of box_ratio (2/3) of each side, at a random
+    position, is pasted from an unlabelled image into a labelled one and from a labelled image into an
+    unlabelled one; the student learns both mixes with (Dice + CE) / 2 against the same mix of (label,
     pseudo-label), unlabelled regions weighted u_weight (0.5). Pairs: labelled i with unlabelled i mod Bu
-    and back, so every image of both streams is used. Differences from the reference: no labelled-only
-    copy-paste pre-training stage (the teacher starts as a copy of the student, with the Mean Teacher EMA
-    warm-up), no largest-component filtering of the pseudo-labels; EMA decay 0.99 as theirs.
+    and back, so every image of both streams is used. Differences from the reference: no largest-component
+    filtering of the pseudo-labels, stage 1 keeps its last step (theirs its best on the test set); EMA
+    decay 0.99 as theirs.
     """
 
     name = "bcp"
     box_ratio = 2 / 3
     u_weight = 0.5
+    pretrain_share = 2000 / 15000
 
-    def mix_loss(self, logits: Tensor, outside: Tensor, inside: Tensor, mask: Tensor, *,
-                 outside_weight: float, inside_weight: float) -> Tensor:
-        return (outside_weight * masked_dice_ce(logits, outside, mask)
-                + inside_weight * masked_dice_ce(logits, inside, 1 - mask)) / 2
+    @classmethod
+    def stages_note(cls, cfg: dict) -> str | None:
+        steps = round(cfg["train"]["steps"] * cls.pretrain_share)
+        return f"{steps} labelled copy-paste pre-training steps" if steps else None
+
+    def stages(self) -> list[Stage]:
+        steps = round(self.cfg["train"]["steps"] * self.pretrain_share)
+        if not steps:
+            return []
+        stage1 = BCPPretrain(self.cfg, student=self.student, dims=self.dims, in_channels=self.in_channels,
+                             num_classes=self.num_classes)
+        return [Stage("pretrain", stage1, steps=steps, lr=self.cfg["train"]["lr"])]
+
+    @torch.no_grad()
+    def after_stages(self) -> None:
+        self.teacher.load_state_dict(self.student.state_dict())
 
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -223,9 +270,9 @@ class BCP(MeanTeacher):
         mix_l = x_l * m_x + x_u[to_u] * (1 - m_x)  # labelled image, unlabelled box
         mix_u = x_u * m_x + x_l[to_l] * (1 - m_x)  # unlabelled image, labelled box
         m_l, m_u = mask.expand(len(x_l), *mask.shape), mask.expand(len(x_u), *mask.shape)
-        loss_l = self.mix_loss(self.student(mix_l), y, pseudo[to_u], m_l, outside_weight=1.0,
-                               inside_weight=self.u_weight)
-        loss_u = self.mix_loss(self.student(mix_u), pseudo, y[to_l], m_u, outside_weight=self.u_weight,
-                               inside_weight=1.0)
+        loss_l = mix_loss(self.student(mix_l), y, pseudo[to_u], m_l, outside_weight=1.0,
+                          inside_weight=self.u_weight)
+        loss_u = mix_loss(self.student(mix_u), pseudo, y[to_l], m_u, outside_weight=self.u_weight,
+                          inside_weight=1.0)
         loss = loss_l + loss_u
         return loss, {"loss": loss.item(), "loss_l": loss_l.item(), "loss_u": loss_u.item()}

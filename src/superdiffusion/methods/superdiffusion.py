@@ -264,6 +264,11 @@ class SuperDiffusion(CoTrain):
 
     name = "superdiffusion"
 
+    @classmethod
+    def stages_note(cls, cfg: dict) -> str | None:
+        sd = cfg["superdiffusion"]
+        return f"{sd['pretrain_steps']} cycle pre-training steps" if sd["pretrained"] else None
+
     def stages(self) -> list[Stage]:
         sd = self.cfg["superdiffusion"]
         if not sd["pretrained"]:  # ablation: co-training from a randomly initialised teacher
