@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from superdiffusion.checkpoint import load_checkpoint, save_checkpoint
 from superdiffusion.config import load_config
@@ -624,3 +625,20 @@ def test_bad_inference_settings_refused_before_training(tmp_path, bad):
     with pytest.raises(InputError, match="diffusion"):
         train_run(cfg, run_dir, progress=False)
     assert not (run_dir / "log.jsonl").exists()  # refused before any training step
+
+
+def test_cps_loss_can_be_cross_entropy():
+    """superdiffusion.cps_loss=ce: each network's cross-entropy on the other's argmax, same forward passes."""
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    dice = _cotrain("superdiffusion.rounds=0").losses(batch, step=1, total_steps=4, generator=g())
+    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.cps_loss=ce")
+    ce = m.losses(batch, step=1, total_steps=4, generator=g())
+    torch.testing.assert_close(ce["sup"], dice["sup"])  # same networks, noise and timesteps
+    T, d, x_u = m.teacher, m.teacher.diffusion, torch.cat([batch["image"], batch["unlabelled"]])
+    gen = g()
+    p_t = T.mask_logits(x_u, d.sample_timesteps(len(x_u), generator=gen), T.randn_like_mask(x_u, gen))[2:]
+    p_s = m.student_logits(x_u, gen)[2:]
+    want = F.cross_entropy(p_s, p_t.argmax(1)) + F.cross_entropy(p_t, p_s.argmax(1))
+    torch.testing.assert_close(ce["cps"], want)
+    with pytest.raises(InputError, match="cps_loss"):
+        _cotrain("superdiffusion.cps_loss=mse")

@@ -144,7 +144,8 @@ class CoTrain(Method):
     """Stage 2 (sections 3 and 4): teacher and student co-trained, one optimiser each.
 
     L = L_sup + w(step) L_cps + lambda / R * sum_r (L_rec^(r) + L_align^(r))
-    L_sup: Dice (+ CE) of student and teacher on labels; L_cps: each network on the other's argmax;
+    L_sup: Dice (+ CE) of student and teacher on labels; L_cps: each network on the other's argmax (soft Dice
+    as the reference, or cross-entropy as the CPS paper: superdiffusion.cps_loss);
     rounds: the teacher re-synthesises the image from its own (detached) mask, then segments the
     re-synthesis, aligned to the student's argmax (unlabelled) or the label (labelled).
     """
@@ -159,6 +160,8 @@ class CoTrain(Method):
             raise InputError(f"superdiffusion.student: unknown {sd['student']!r} (unet, twin)")
         if sd["round_mode"] not in ("independent", "chained"):
             raise InputError(f"superdiffusion.round_mode: unknown {sd['round_mode']!r} (independent, chained)")
+        if sd["cps_loss"] not in ("dice", "ce"):
+            raise InputError(f"superdiffusion.cps_loss: unknown {sd['cps_loss']!r} (dice, ce)")
         if not isinstance(sd["rounds"], int) or sd["rounds"] < 0:
             raise InputError(f"superdiffusion.rounds: {sd['rounds']!r} must be an integer >= 0")
         self.teacher = build_teacher(self)
@@ -207,8 +210,9 @@ class CoTrain(Method):
         p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=generator), T.randn_like_mask(x, generator))
         p_s = self.student_logits(x, generator)
         pseudo_t, pseudo_s = p_t[n_l:].argmax(1).detach(), p_s[n_l:].argmax(1).detach()
+        pseudo_loss = self.dice if sd["cps_loss"] == "dice" else F.cross_entropy
         out = {"sup": self.sup_loss(p_s[:n_l], y) + self.sup_loss(p_t[:n_l], y),
-               "cps": self.dice(p_s[n_l:], pseudo_t) + self.dice(p_t[n_l:], pseudo_s)}
+               "cps": pseudo_loss(p_s[n_l:], pseudo_t) + pseudo_loss(p_t[n_l:], pseudo_s)}
         if early:
             (out["sup"] + early[0] * out["cps"]).backward()
             out = {k: v.detach() for k, v in out.items()}
