@@ -104,6 +104,14 @@ def test_helpers():
     region = torch.ones(2, 8, 8)
     region[:, :4] = 0
     assert masked_dice_ce(perfect, target, region) < 1e-3 < masked_dice_ce(-perfect, target, region)
+    # over the batch, an image without foreground no longer costs a whole class's Dice
+    empty = torch.zeros(2, 8, 8, dtype=torch.long)
+    empty[0, :2] = 1
+    slightly_wrong = 5 * torch.nn.functional.one_hot(empty, 2).permute(0, 3, 1, 2).float()
+    slightly_wrong[1, 1, 0, 0], slightly_wrong[1, 0, 0, 0] = 5.0, 0.0  # one false-positive pixel in image 1
+    per_image = masked_dice_ce(slightly_wrong, empty, torch.ones(2, 8, 8))
+    batch = masked_dice_ce(slightly_wrong, empty, torch.ones(2, 8, 8), over_batch=True)
+    assert per_image > 0.2 > 0.1 > batch
 
 
 # Measured validation Dice of the chosen predictor after these 30 steps (seeds 0 / 1 / 2): mean-teacher

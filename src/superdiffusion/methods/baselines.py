@@ -181,21 +181,27 @@ def box_mask(spatial: tuple[int, ...], ratio: float, generator: torch.Generator)
     return mask
 
 
-def masked_dice_ce(logits: Tensor, target: Tensor, mask: Tensor, smooth: float = 1e-5) -> Tensor:
-    """BCP's per-region term, Dice (all classes, per image, their mask_DiceLoss) + CE, over mask = 1."""
+def masked_dice_ce(logits: Tensor, target: Tensor, mask: Tensor, smooth: float = 1e-5, *,
+                   over_batch: bool = False) -> Tensor:
+    """BCP's per-region term, Dice (all classes) + CE, over mask = 1. Dice per image as their 3D (LA) code's
+    mask_DiceLoss, or over the whole batch (over_batch) as their 2D (ACDC) code's DiceLoss: on 2D crops,
+    many with no foreground at all, a per-image Dice punishes any foreground probability at full weight."""
     prob = torch.softmax(logits, 1).flatten(2)
     onehot = F.one_hot(target.flatten(1), logits.shape[1]).transpose(1, 2).to(prob)
     m = mask.flatten(1)[:, None]
-    dice = (2 * (prob * onehot * m).sum(2) + smooth) / (((prob + onehot) * m).sum(2) + smooth)
+    dims = (0, 2) if over_batch else 2
+    dice = (2 * (prob * onehot * m).sum(dims) + smooth) / (((prob + onehot) * m).sum(dims) + smooth)
     ce = (F.cross_entropy(logits, target, reduction="none") * mask).sum() / (mask.sum() + 1e-16)
     return 1 - dice.mean() + ce
 
 
 def mix_loss(logits: Tensor, outside: Tensor, inside: Tensor, mask: Tensor, *, outside_weight: float,
              inside_weight: float) -> Tensor:
-    """BCP's loss on a copy-paste mix: targets `outside` where mask = 1, `inside` in the pasted box."""
-    return (outside_weight * masked_dice_ce(logits, outside, mask)
-            + inside_weight * masked_dice_ce(logits, inside, 1 - mask)) / 2
+    """BCP's loss on a copy-paste mix: targets `outside` where mask = 1, `inside` in the pasted box; batch
+    Dice for 2D inputs (their ACDC code), per-image Dice for 3D (their LA code)."""
+    over_batch = logits.dim() == 4
+    return (outside_weight * masked_dice_ce(logits, outside, mask, over_batch=over_batch)
+            + inside_weight * masked_dice_ce(logits, inside, 1 - mask, over_batch=over_batch)) / 2
 
 
 class BCPPretrain(Method):
