@@ -99,7 +99,7 @@ DEFAULTS: dict[str, Any] = {
         "round_mode": "independent",  # independent (reference) | chained (abstract)
         "round_weight": 1.0,  # lambda; each round's terms weigh lambda / R
         "unlabelled_weight": 1.0,  # final weight of the CPS term, ramped linearly from 0
-        "cps_loss": "dice",  # dice (reference: soft Dice on the other network's argmax) | ce (as the CPS paper)
+        "cps_loss": "dice",  # on argmax pseudo-labels (CPS, rounds): dice (reference, per image) | dice-batch | ce
         "pretrained": True,  # start co-training from the stage-1 teacher (False = random teacher)
         "init": None,  # path of a stage-1 checkpoint to start co-training from (method = cotrain)
     },

@@ -28,6 +28,7 @@ from superdiffusion.data.synthetic import make_synthetic_dataset
 from superdiffusion.engine.run import train_run
 from superdiffusion.engine.trainer import Trainer
 from superdiffusion.errors import InputError
+from superdiffusion.methods.base import dice_loss
 from superdiffusion.methods.superdiffusion import CoTrain, DiffusionTeacher, Pretrain, build_teacher
 from superdiffusion.nets.unet import UNet
 
@@ -640,5 +641,9 @@ def test_cps_loss_can_be_cross_entropy():
     p_s = m.student_logits(x_u, gen)[2:]
     want = F.cross_entropy(p_s, p_t.argmax(1)) + F.cross_entropy(p_t, p_s.argmax(1))
     torch.testing.assert_close(ce["cps"], want)
+    over_batch = _cotrain("superdiffusion.rounds=0", "superdiffusion.cps_loss=dice-batch")
+    batch_dice = dice_loss(batch=True)
+    torch.testing.assert_close(over_batch.losses(batch, step=1, total_steps=4, generator=g())["cps"],
+                               batch_dice(p_s, p_t.argmax(1)) + batch_dice(p_t, p_s.argmax(1)))
     with pytest.raises(InputError, match="cps_loss"):
         _cotrain("superdiffusion.cps_loss=mse")

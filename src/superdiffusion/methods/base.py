@@ -84,9 +84,10 @@ class Stage:
     lr: float
 
 
-def dice_loss(*, ce: bool = False) -> nn.Module:
-    """Soft Dice over all classes (optionally + cross-entropy) on logits and integer labels (B, *)."""
-    loss = (DiceCELoss if ce else DiceLoss)(to_onehot_y=True, softmax=True, include_background=True)
+def dice_loss(*, ce: bool = False, batch: bool = False) -> nn.Module:
+    """Soft Dice over all classes (optionally + cross-entropy) on logits and integer labels (B, *); per image,
+    or over the whole batch (batch=True: an image without foreground then costs little)."""
+    loss = (DiceCELoss if ce else DiceLoss)(to_onehot_y=True, softmax=True, include_background=True, batch=batch)
     return _IntegerTargets(loss)
 
 

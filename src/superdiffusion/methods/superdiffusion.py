@@ -145,7 +145,8 @@ class CoTrain(Method):
 
     L = L_sup + w(step) L_cps + lambda / R * sum_r (L_rec^(r) + L_align^(r))
     L_sup: Dice (+ CE) of student and teacher on labels; L_cps: each network on the other's argmax (soft Dice
-    as the reference, or cross-entropy as the CPS paper: superdiffusion.cps_loss);
+    per image as the reference, Dice over the batch, or cross-entropy as the CPS paper: superdiffusion.cps_loss,
+    which the rounds' alignment term uses too);
     rounds: the teacher re-synthesises the image from its own (detached) mask, then segments the
     re-synthesis, aligned to the student's argmax (unlabelled) or the label (labelled).
     """
@@ -160,14 +161,15 @@ class CoTrain(Method):
             raise InputError(f"superdiffusion.student: unknown {sd['student']!r} (unet, twin)")
         if sd["round_mode"] not in ("independent", "chained"):
             raise InputError(f"superdiffusion.round_mode: unknown {sd['round_mode']!r} (independent, chained)")
-        if sd["cps_loss"] not in ("dice", "ce"):
-            raise InputError(f"superdiffusion.cps_loss: unknown {sd['cps_loss']!r} (dice, ce)")
+        losses = {"dice": dice_loss(), "dice-batch": dice_loss(batch=True), "ce": nn.CrossEntropyLoss()}
+        if sd["cps_loss"] not in losses:
+            raise InputError(f"superdiffusion.cps_loss: unknown {sd['cps_loss']!r} ({', '.join(losses)})")
+        self.pseudo_loss = losses[sd["cps_loss"]]
         if not isinstance(sd["rounds"], int) or sd["rounds"] < 0:
             raise InputError(f"superdiffusion.rounds: {sd['rounds']!r} must be an integer >= 0")
         self.teacher = build_teacher(self)
         self.student = build_teacher(self).mask_net if sd["student"] == "twin" else self.segmentation_net()
         self.sup_loss = dice_loss(ce=True)
-        self.dice = dice_loss()
         if sd["init"]:
             self.load_teacher(sd["init"])
 
@@ -210,9 +212,8 @@ class CoTrain(Method):
         p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=generator), T.randn_like_mask(x, generator))
         p_s = self.student_logits(x, generator)
         pseudo_t, pseudo_s = p_t[n_l:].argmax(1).detach(), p_s[n_l:].argmax(1).detach()
-        pseudo_loss = self.dice if sd["cps_loss"] == "dice" else F.cross_entropy
         out = {"sup": self.sup_loss(p_s[:n_l], y) + self.sup_loss(p_t[:n_l], y),
-               "cps": pseudo_loss(p_s[n_l:], pseudo_t) + pseudo_loss(p_t[n_l:], pseudo_s)}
+               "cps": self.pseudo_loss(p_s[n_l:], pseudo_t) + self.pseudo_loss(p_t[n_l:], pseudo_s)}
         if early:
             (out["sup"] + early[0] * out["cps"]).backward()
             out = {k: v.detach() for k, v in out.items()}
@@ -228,7 +229,7 @@ class CoTrain(Method):
                 x_r = d.predict_x0_from_eps(x_t, t, eps_hat).detach().clamp(-1, 1)
                 p_r = T.mask_logits(x_r, d.sample_timesteps(len(x), generator=generator),
                                     T.randn_like_mask(x, generator))
-                r_rec, r_align = F.mse_loss(eps_hat, eps), self.dice(p_r, target)
+                r_rec, r_align = F.mse_loss(eps_hat, eps), self.pseudo_loss(p_r, target)
                 if sd["round_mode"] == "chained":
                     mask = torch.softmax(p_r, 1).detach()
                 if early:
