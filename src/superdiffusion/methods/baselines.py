@@ -249,12 +249,16 @@ class BCP(MeanTeacher):
     pretrain_share = 2000 / 15000
 
     @classmethod
+    def pretrain_steps(cls, cfg: dict) -> int:
+        return round(cfg["train"]["steps"] * cls.pretrain_share)
+
+    @classmethod
     def stages_note(cls, cfg: dict) -> str | None:
-        steps = round(cfg["train"]["steps"] * cls.pretrain_share)
+        steps = cls.pretrain_steps(cfg)
         return f"{steps} labelled copy-paste pre-training steps" if steps else None
 
     def stages(self) -> list[Stage]:
-        steps = round(self.cfg["train"]["steps"] * self.pretrain_share)
+        steps = self.pretrain_steps(self.cfg)
         if not steps:
             return []
         stage1 = BCPPretrain(self.cfg, student=self.student, dims=self.dims, in_channels=self.in_channels,
