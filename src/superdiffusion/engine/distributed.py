@@ -27,12 +27,26 @@ def init() -> tuple[int, int]:
     """Join the process group when started by torchrun; (rank, world size), (0, 1) otherwise."""
     if not launched_by_torchrun():
         return 0, 1
+    global _PATIENT
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # made now, by every rank together: new_group itself waits only as long as TIMEOUT
+        _PATIENT = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     return dist.get_rank(), dist.get_world_size()
+
+
+_PATIENT = None  # a gloo group without a practical timeout, for waiting on rank 0's evaluation
+
+
+def wait_for_rank0() -> None:
+    """Every rank meets here once rank 0 has evaluated and written the run (which may take longer than
+    TIMEOUT), so that no rank leaves, and tears its connections down, while another still works. A rank
+    that dies meanwhile still ends the job: torchrun stops the others."""
+    if dist.is_initialized():
+        dist.barrier(group=_PATIENT)
 
 
 def rank_world() -> tuple[int, int]:

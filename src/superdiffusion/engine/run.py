@@ -115,12 +115,13 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
         run_stage(stage, cfg, data, run_dir / stage.folder, resume=resume, progress=progress)
     method.after_stages()  # before fit(): a resumed run's checkpoint then overrides what this sets
     summary = Trainer(method, cfg, data, run_dir, progress=progress).fit(resume=resume)
-    if rank != 0:  # rank 0 alone evaluates and records
-        return {"steps": summary["step"], "rank": rank}
-    results = final_evaluation(method, cfg, data, run_dir)
-    results.update(steps=summary["step"], wall_time_s=round(time.perf_counter() - t0, 1))
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (run_dir / DONE).write_text("ok\n")
+    results = {"steps": summary["step"], "rank": rank}
+    if rank == 0:  # rank 0 alone evaluates and records
+        results = final_evaluation(method, cfg, data, run_dir)
+        results.update(steps=summary["step"], wall_time_s=round(time.perf_counter() - t0, 1))
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        (run_dir / DONE).write_text("ok\n")
+    distributed.wait_for_rank0()
     return results
 
 
