@@ -279,11 +279,9 @@ def run_bench(protocol: str, *, out: str | Path, methods: str | None = None, fra
             print(f"{head}: {'resuming' if resume else 'training'}", flush=True)
             try:
                 train_run(spec.cfg, spec.run_dir, resume=resume, progress=progress)
+                run_finished(bench, head, spec)
             except NonFiniteLossError as err:
-                bench.failures.append(f"{spec.run_dir.relative_to(out)}: {err}")
-                print(f"{head}: failed ({err})", flush=True)
-                continue
-            report.write_results(bench, collect_rows(bench))  # partial tables while the rest trains
+                run_finished(bench, head, spec, err)
     rows = collect_rows(bench)
     report.write_results(bench, rows)
     figures.write_figures(bench, rows)
@@ -306,8 +304,6 @@ def train_parallel(bench: Bench, todo: list[tuple[str, RunSpec, bool]], jobs: in
 
     Runs never share a folder, so they cannot collide; an interrupted bench resumes as in the serial case.
     """
-    from . import report
-
     threads = max(1, (os.cpu_count() or 1) // jobs)
     print(f"training {len(todo)} runs, {jobs} at a time ({threads} torch thread(s) each)", flush=True)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -319,12 +315,21 @@ def train_parallel(bench: Bench, todo: list[tuple[str, RunSpec, bool]], jobs: in
             head, spec = futures[future]
             try:
                 seconds = future.result()
+                print(f"{head}: finished in {seconds:.0f} s", flush=True)
+                run_finished(bench, head, spec)
             except NonFiniteLossError as err:
-                bench.failures.append(f"{spec.run_dir.relative_to(bench.out)}: {err}")
-                print(f"{head}: failed ({err})", flush=True)
-                continue
-            print(f"{head}: finished in {seconds:.0f} s", flush=True)
-            report.write_results(bench, collect_rows(bench))
+                run_finished(bench, head, spec, err)
+
+
+def run_finished(bench: Bench, head: str, spec: RunSpec, error: NonFiniteLossError | None = None) -> None:
+    """Record a failed run, or rewrite the partial tables after a finished one (while the rest trains)."""
+    from . import report
+
+    if error is not None:
+        bench.failures.append(f"{spec.run_dir.relative_to(bench.out)}: {error}")
+        print(f"{head}: failed ({error})", flush=True)
+        return
+    report.write_results(bench, collect_rows(bench))
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("SUPERDIFFUSION_DIST_TIMEOUT", "300")))
+_PATIENT = None  # a gloo group without a practical timeout, for waiting on rank 0's evaluation
 
 
 def launched_by_torchrun() -> bool:
@@ -36,9 +37,6 @@ def init() -> tuple[int, int]:
         # made now, by every rank together: new_group itself waits only as long as TIMEOUT
         _PATIENT = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     return dist.get_rank(), dist.get_world_size()
-
-
-_PATIENT = None  # a gloo group without a practical timeout, for waiting on rank 0's evaluation
 
 
 def wait_for_rank0() -> None:
