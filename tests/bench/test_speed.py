@@ -50,6 +50,8 @@ def test_isolated_row_reports_its_own_process_memory():
             "variant": {}}
     row = _Runner(isolate=True)("train", spec)
     assert row["seconds"] > 0 and row["peak_mib"] > row["growth_mib"] > 0
+    held = _Runner(isolate=True)("train", {**spec, "variant": {"hold_memory": True}})
+    assert "error" not in held and held["seconds"] > 0
 
 
 def test_cli_refuses_bad_input(tmp_path, capsys):
@@ -57,6 +59,7 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     existing.write_text("{}")
     assert main(["bench-speed", "--json", str(existing)]) == 2
     assert main(["bench-speed", "--amp", "--device", "cpu"]) == 2
+    assert main(["bench-speed", "--hold-memory", "--in-process"]) == 2  # it would change the shared process
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert existing.read_text() == "{}"

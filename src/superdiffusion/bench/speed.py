@@ -16,7 +16,8 @@ runs in-process and memory is the same /proc reset estimate.
 
 Switches (opt-in, never defaults; each measured against the plain run in the same invocation): compile
 (torch.compile of every U-Net, in place), channels_last (channels-last memory format), bf16 (CPU autocast to
-bfloat16), amp (CUDA autocast to bfloat16).
+bfloat16), amp (CUDA autocast to bfloat16), hold_memory (CPU: glibc keeps freed memory for the next step,
+engine.host; measured in its own fresh process, as it changes that process's allocator for good).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ TRAIN_ROWS = [("supervised", "supervised", []), ("pretrain", "pretrain", []), ("
               ("superdiffusion R=5", "cotrain", ["superdiffusion.rounds=5"])]
 REFERENCE_ROWS = ("supervised", "pretrain", "superdiffusion R=3")
 EFFECT_ROWS = ("supervised", "superdiffusion R=3", "student volume")
-SWITCHES = ("compile", "channels_last", "bf16", "amp")
+SWITCHES = ("compile", "channels_last", "bf16", "amp", "hold_memory")
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -259,6 +260,10 @@ def _worker(task: str, spec: dict) -> dict | list[dict]:
     """Entry point of an isolated measurement; errors come back as data, so one failure never stops the table."""
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    if spec["variant"].get("hold_memory"):
+        from ..engine.host import hold_freed_memory
+
+        hold_freed_memory()
     if spec["variant"].get("compile"):  # compile in the measuring process itself, no pool of compile workers
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
@@ -312,6 +317,9 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
         raise InputError("--amp is CUDA autocast: it needs a GPU (on CPU, --bf16 measures bfloat16 autocast)")
     if "bf16" in switches and dev != "cpu":
         raise InputError("--bf16 is CPU autocast; on a GPU use --amp")
+    if "hold_memory" in switches and not (isolate and dev == "cpu"):
+        raise InputError("--hold-memory changes a process's allocator for good and is for CPUs: measure it on "
+                         "--device cpu without --in-process")
     configs = dict(DEFAULT_CONFIGS)
     if config is not None:
         cfg = load_config(config, list(overrides))
@@ -330,6 +338,7 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
                 "batch": list(p[f"batch{d}d"])}
         tc = cfg["train"]  # the config's own switches (train.compile, .channels_last, .amp) apply to every row
         plain = {k: True for k, on in (("compile", tc.get("compile")), ("channels_last", tc.get("channels_last")),
+                                       ("hold_memory", tc.get("hold_memory")),
                                        ("amp" if dev == "cuda" else "bf16", tc.get("amp"))) if on}
         model = (f"{configs[d]}: channels {cfg['model']['channels']}, norm {cfg['model']['norm']}"
                  + (f"; config switches {', '.join(plain)}" if plain else ""))

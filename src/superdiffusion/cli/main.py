@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--channels-last", action="store_true", help="also measure with channels-last memory format")
     bs.add_argument("--bf16", action="store_true", help="also measure with CPU bfloat16 autocast")
     bs.add_argument("--amp", action="store_true", help="also measure with CUDA bfloat16 autocast (GPU only)")
+    bs.add_argument("--hold-memory", action="store_true",
+                    help="also measure with glibc keeping freed memory for the next step (CPU; train.hold_memory)")
     bs.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     bs.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bs.add_argument("--in-process", action="store_true",

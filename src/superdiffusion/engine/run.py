@@ -24,7 +24,7 @@ from ..evaluation.inference import evaluate_cases
 from ..evaluation.metrics import summarize
 from ..methods import build_method, method_class
 from ..methods.base import Stage
-from . import distributed
+from . import distributed, host
 from .trainer import Trainer
 
 DONE = "DONE"
@@ -101,6 +101,8 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     run_dir = Path(run_dir)
     if cfg["train"]["threads"]:
         torch.set_num_threads(int(cfg["train"]["threads"]))
+    if cfg["train"]["hold_memory"]:
+        host.hold_freed_memory()
     cls = method_class(cfg["method"])
     data = build_data(cfg, all_labelled=getattr(cls, "all_labelled", False))  # every input checked here
     rank, _ = distributed.init()
