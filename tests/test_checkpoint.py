@@ -23,6 +23,7 @@ from superdiffusion.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from superdiffusion.config import DEFAULTS
 from superdiffusion.errors import InputError
 
 
@@ -49,7 +50,8 @@ def test_round_trip_tensors_and_plain_data(tmp_path):
         assert loaded[k] == payload[k]
     for k, v in payload["model"].items():
         assert torch.equal(loaded["model"][k], v) and loaded["model"][k].dtype == v.dtype
-    assert config_of(loaded) == {"seed": 1, "train": {"steps": 9}}
+    cfg = config_of(loaded)  # completed to the current keys
+    assert cfg["seed"] == 1 and cfg["train"]["steps"] == 9 and cfg["train"]["lr"] == DEFAULTS["train"]["lr"]
     # no temporary file is left behind
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
 
@@ -213,3 +215,12 @@ def test_file_without_format_tag_is_refused(tmp_path):
     torch.save(torch.zeros(3), bare)  # not even a dict
     with pytest.raises(InputError, match="format tag missing"):
         load_checkpoint(bare)
+
+
+def test_config_of_an_earlier_version_gets_the_new_keys_at_their_defaults():
+    old = json.loads(json.dumps(DEFAULTS))
+    del old["superdiffusion"]["cps_loss"]
+    assert config_of({"config": json.dumps(old)}) == DEFAULTS
+    old["train"]["no_such_key"] = 1
+    with pytest.raises(InputError, match="checkpoint config: unknown config key 'train.no_such_key'"):
+        config_of({"config": json.dumps(old)})

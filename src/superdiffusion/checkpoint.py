@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import complete
 from .errors import InputError
 
 FORMAT = "superdiffusion-checkpoint-v1"
@@ -87,8 +88,8 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def config_of(payload: dict[str, Any]) -> dict[str, Any]:
-    """The resolved run configuration stored (as JSON text) in a checkpoint."""
-    return json.loads(payload["config"])
+    """The resolved run configuration stored (as JSON text) in a checkpoint, completed to this version's keys."""
+    return complete(json.loads(payload["config"]), where="checkpoint config")
 
 
 def rng_state() -> dict[str, Any]:

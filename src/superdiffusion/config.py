@@ -129,6 +129,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     return cfg
 
 
+def complete(stored: dict[str, Any], *, where: str) -> dict[str, Any]:
+    """A config stored by an earlier version, with keys added since then at their defaults.
+
+    Why: a new key's default keeps the old behaviour, so runs made before it still resume, benchmark
+    folders still match, and their checkpoints still load.
+    """
+    if not isinstance(stored, dict):
+        raise InputError(f"{where}: a config must be a mapping of keys to values")
+    cfg = copy.deepcopy(DEFAULTS)
+    merge(cfg, stored, where=where)
+    return cfg
+
+
 def resolve_config_path(path: str | Path) -> Path:
     """A config file path, or the name of a config shipped with the package (e.g. `demo`)."""
     p = Path(path)

@@ -363,3 +363,21 @@ def test_supervised_training_learns(tmp_path, tiny_cfg):
     assert len(losses) == 60
     assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10])
     assert r["val"]["student"]["mean"]["dice"]["mean"] > 0.5
+
+
+def test_run_from_an_earlier_version_resumes_and_loads(tmp_path, tiny_cfg):
+    """A key added since a run was made takes its default: the run still resumes and predicts."""
+    import yaml
+
+    from superdiffusion.evaluation.predict import load_run
+
+    cfg = tiny_cfg("train.steps=2")
+    run = tmp_path / "run"
+    train_run(cfg, run, progress=False)
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    del stored["train"]["hold_memory"]  # as written before that key existed
+    (run / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    assert train_run(cfg, run, resume=True, progress=False)["steps"] == 2
+    with pytest.raises(InputError, match=r"config differs.*train\.hold_memory"):
+        train_run(tiny_cfg("train.steps=2", "train.hold_memory=true"), run, resume=True, progress=False)
+    assert load_run(run).cfg == cfg

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import merge
+from ..config import complete, merge
 from ..data.case import Case
 from ..data.pipeline import case_ids, load_cases
 from ..data.splits import make_split
@@ -176,7 +176,7 @@ def check_plan(bench: Bench) -> None:
         cfg, run_dir = spec.cfg, spec.run_dir
         stored = run_dir / "config.yaml"
         if stored.is_file():
-            old = yaml.safe_load(stored.read_text())
+            old = complete(yaml.safe_load(stored.read_text()), where=str(stored))
             if old != cfg:
                 raise InputError(f"{run_dir}: this run was made with a different config "
                                  f"({', '.join(sorted(_diff_keys(old, cfg)))}); use another --out or the same "

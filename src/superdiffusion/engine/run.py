@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from ..checkpoint import load_checkpoint
-from ..config import dump_config
+from ..config import complete, dump_config
 from ..data.pipeline import DataBundle, build_data
 from ..data.splits import write_split
 from ..errors import InputError
@@ -71,7 +71,7 @@ def prepare_run_dir(cfg: dict, run_dir: Path, *, resume: bool) -> None:
     if resume:
         if not stored.is_file():
             raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
-        old = yaml.safe_load(stored.read_text())
+        old = complete(yaml.safe_load(stored.read_text()), where=str(stored))
         if old != cfg:
             diff = sorted(_diff_keys(old, cfg))
             raise InputError(f"{run_dir}: the config differs from the run's own ({', '.join(diff)}); "
