@@ -227,14 +227,18 @@ class CoTrain(Method):
                 eps = torch.randn(x.shape, generator=generator).to(x)
                 eps_hat, x_t = T.image_noise(x, to_signal(mask), t, eps)
                 x_r = d.predict_x0_from_eps(x_t, t, eps_hat).detach().clamp(-1, 1)
+                r_rec = F.mse_loss(eps_hat, eps)
+                if early:  # the image pathway's graph goes before the mask pathway's is built
+                    (early[1] / rounds * r_rec).backward()
+                    r_rec = r_rec.detach()
                 p_r = T.mask_logits(x_r, d.sample_timesteps(len(x), generator=generator),
                                     T.randn_like_mask(x, generator))
-                r_rec, r_align = F.mse_loss(eps_hat, eps), self.pseudo_loss(p_r, target)
+                r_align = self.pseudo_loss(p_r, target)
                 if sd["round_mode"] == "chained":
                     mask = torch.softmax(p_r, 1).detach()
                 if early:
-                    (early[1] / rounds * (r_rec + r_align)).backward()
-                    r_rec, r_align = r_rec.detach(), r_align.detach()
+                    (early[1] / rounds * r_align).backward()
+                    r_align = r_align.detach()
                 rec, align = rec + r_rec, align + r_align
             out["rec"], out["align"] = rec / rounds, align / rounds
         return out
