@@ -23,7 +23,7 @@ from ..config import complete, merge
 from ..data.case import Case
 from ..data.pipeline import case_ids, load_cases
 from ..data.splits import make_split
-from ..engine.run import DONE, _diff_keys, check_config, train_run
+from ..engine.run import DONE, check_config, config_changes, train_run
 from ..engine.trainer import NonFiniteLossError
 from ..errors import InputError
 from ..evaluation.inference import segment
@@ -176,10 +176,10 @@ def check_plan(bench: Bench) -> None:
         cfg, run_dir = spec.cfg, spec.run_dir
         stored = run_dir / "config.yaml"
         if stored.is_file():
-            old = complete(yaml.safe_load(stored.read_text()), where=str(stored))
-            if old != cfg:
+            changed = config_changes(complete(yaml.safe_load(stored.read_text()), where=str(stored)), cfg)
+            if changed:
                 raise InputError(f"{run_dir}: this run was made with a different config "
-                                 f"({', '.join(sorted(_diff_keys(old, cfg)))}); use another --out or the same "
+                                 f"({', '.join(changed)}); use another --out or the same "
                                  "protocol and options")
         elif run_dir.exists() and any(run_dir.iterdir()):
             raise InputError(f"{run_dir}: folder is not empty but holds no run (no config.yaml); remove it")

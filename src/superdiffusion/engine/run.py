@@ -72,8 +72,8 @@ def prepare_run_dir(cfg: dict, run_dir: Path, *, resume: bool) -> None:
         if not stored.is_file():
             raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
         old = complete(yaml.safe_load(stored.read_text()), where=str(stored))
-        if old != cfg:
-            diff = sorted(_diff_keys(old, cfg))
+        diff = config_changes(old, cfg)
+        if diff:
             raise InputError(f"{run_dir}: the config differs from the run's own ({', '.join(diff)}); "
                              "resume with the same config or start a new run folder")
         return
@@ -82,6 +82,15 @@ def prepare_run_dir(cfg: dict, run_dir: Path, *, resume: bool) -> None:
                          "or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, stored)
+
+
+# Keys that change how a process runs but not one number it computes: a run may resume with them changed.
+NEUTRAL_KEYS = frozenset({"train.hold_memory"})
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """The dotted keys whose values differ (sorted), neutral keys left out."""
+    return sorted(k for k in _diff_keys(old, new) if k not in NEUTRAL_KEYS)
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
