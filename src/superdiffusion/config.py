@@ -75,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
         "amp": False,  # bf16 autocast in training steps: for GPUs (on CPUs without bf16 units it is slower)
         "compile": False,  # torch.compile every U-Net (pays off only on long runs: 40-140 s to compile)
         "channels_last": False,  # channels-last memory format for the networks and batches
-        "hold_memory": False,  # CPU: keep freed memory for the next step (~8-10 % faster, more peak memory)
+        "hold_memory": False,  # CPU: keep freed memory for the next step (1.07-1.27x faster, ~0.1 GiB more peak)
     },
     "eval": {
         "checkpoint": "best",  # best (best validation Dice) | last
