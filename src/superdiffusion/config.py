@@ -142,6 +142,11 @@ def complete(stored: dict[str, Any], *, where: str) -> dict[str, Any]:
     return cfg
 
 
+def read_stored_config(path: Path) -> dict[str, Any]:
+    """A run's own config.yaml, completed to this version's keys (resume and bench folders compare with it)."""
+    return complete(read_yaml(path), where=str(path))
+
+
 def resolve_config_path(path: str | Path) -> Path:
     """A config file path, or the name of a config shipped with the package (e.g. `demo`)."""
     p = Path(path)

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..config import complete, merge
+from ..config import merge, read_stored_config
 from ..data.case import Case
 from ..data.pipeline import case_ids, load_cases
 from ..data.splits import make_split
@@ -176,7 +175,7 @@ def check_plan(bench: Bench) -> None:
         cfg, run_dir = spec.cfg, spec.run_dir
         stored = run_dir / "config.yaml"
         if stored.is_file():
-            changed = config_changes(complete(yaml.safe_load(stored.read_text()), where=str(stored)), cfg)
+            changed = config_changes(read_stored_config(stored), cfg)
             if changed:
                 raise InputError(f"{run_dir}: this run was made with a different config "
                                  f"({', '.join(changed)}); use another --out or the same "

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from ..checkpoint import load_checkpoint
-from ..config import complete, dump_config
+from ..config import dump_config, read_stored_config
 from ..data.pipeline import DataBundle, build_data
 from ..data.splits import write_split
 from ..errors import InputError
@@ -71,8 +70,7 @@ def prepare_run_dir(cfg: dict, run_dir: Path, *, resume: bool) -> None:
     if resume:
         if not stored.is_file():
             raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
-        old = complete(yaml.safe_load(stored.read_text()), where=str(stored))
-        diff = config_changes(old, cfg)
+        diff = config_changes(read_stored_config(stored), cfg)
         if diff:
             raise InputError(f"{run_dir}: the config differs from the run's own ({', '.join(diff)}); "
                              "resume with the same config or start a new run folder")
