@@ -7,11 +7,15 @@
 #   3. bench-speed on the GPU: fp32 vs bf16 autocast vs channels-last
 #   4. predict (teacher ensemble + uncertainty, DDIM) and export on a la2d run
 #   5. the la3d-full protocol for a few steps (step time -> cost of the full protocol)
+# PARTS picks some of them (default all: smoke,la2d,speed,predict,la3d); LA2D_S bounds the table's seconds,
+# LA2D_JOBS its runs at a time, LA2D_ARGS adds bench options (e.g. --ablation weight).
 set -u
+PARTS=,${PARTS:-smoke,la2d,speed,predict,la3d},
+part() { [[ $PARTS == *,$1,* ]]; }
 OUT=${OUT:-/tmp/out}; T=/tmp/work; mkdir -p "$OUT" "$T"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
 SD="python3 -m superdiffusion"
-LA2D_S=${LA2D_S:-330}
+LA2D_S=${LA2D_S:-330}; LA2D_JOBS=${LA2D_JOBS:-8}; LA2D_ARGS=${LA2D_ARGS:-}
 t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 )) s: $*"; }
 stamp setup
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -19,26 +23,37 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)"
 python3 benchmarks/device/la_transfer.py unpack .dev/la /tmp/LA || exit 1
 
+if part smoke; then
 stamp smoke
 $SD bench --protocol synthetic --methods supervised,fully-supervised,mean-teacher,ua-mt,cps,bcp,superdiffusion \
   --fractions 0.25 --seeds 0 --out $T/smoke --jobs 4 --no-progress > $OUT/smoke.log 2>&1
 rc=$?; tail -5 $OUT/smoke.log
 if [ $rc -ne 0 ]; then stamp "smoke failed ($rc)"; cat $OUT/smoke.log | tail -60; exit 1; fi
+fi
 
-stamp la2d table
 B=$T/la2d
-timeout -k 10 $LA2D_S $SD bench --protocol la2d-cpu --train-data /tmp/LA --out $B --jobs 8 --no-progress \
-  --ablation weight > $OUT/la2d.log 2>&1
-echo "la2d rc=$?"; pkill -f multiprocessing.spawn; sleep 2
+if part la2d; then
+stamp la2d table
+# windows of 64 slices per call: validation on a GPU is otherwise bound by per-window launches
+timeout -k 10 $LA2D_S $SD bench --protocol la2d-cpu --train-data /tmp/LA --out $B --jobs $LA2D_JOBS --no-progress \
+  --set eval.sw_batch_size=64 $LA2D_ARGS > $OUT/la2d.log 2>&1
+rc=$?; echo "la2d rc=$rc"; pkill -f multiprocessing.spawn; sleep 2
 tail -3 $OUT/la2d.log
+if [ $rc -ne 0 ]; then  # cut before the end: tables and figures from the finished runs
+  timeout -k 5 60 $SD bench --protocol la2d-cpu --train-data /tmp/LA --out $B --no-progress \
+    --set eval.sw_batch_size=64 $LA2D_ARGS --report-only > $OUT/la2d-report.log 2>&1
+fi
+fi
 
+if part speed; then
 stamp speed
 timeout -k 5 100 $SD bench-speed --device cuda --amp --channels-last --repeats 5 --json $OUT/speed-gpu.json \
   > $OUT/speed-gpu.log 2>&1; echo "speed rc=$?"; tail -40 $OUT/speed-gpu.log
+fi
 
 stamp predict and export
 R=$B/runs/superdiffusion/frac0.1/seed0; C=$(sed -n 1p /tmp/LA/train.list)
-if [ -f $R/DONE ]; then
+if part predict && [ -f $R/DONE ]; then
   ( $SD predict $R /tmp/LA/$C/mri_norm2.h5 --out $T/pred-ens --predictor teacher --mode ensemble --uncertainty &&
     $SD predict $R /tmp/LA/$C/mri_norm2.h5 --out $T/pred-ddim --predictor teacher --mode ddim &&
     $SD export $R --out $T/student.pt && ls -la $T/pred-ens $T/pred-ddim $T/student.pt ) > $OUT/predict.log 2>&1
@@ -47,7 +62,7 @@ fi
 
 stamp la3d-full
 left=$(( 560 - ($(date +%s) - t0) ))
-if [ $left -gt 60 ]; then
+if part la3d && [ $left -gt 60 ]; then
   timeout -k 5 $left $SD bench --protocol la3d-full --train-data /tmp/LA --methods supervised,superdiffusion \
     --fractions 0.1 --seeds 0 --steps 40 --set split.val=4 --set train.ckpt_every=20 --out $T/la3d --jobs 2 \
     --no-progress > $OUT/la3d.log 2>&1; echo "la3d rc=$?"; tail -5 $OUT/la3d.log

@@ -87,7 +87,13 @@ def test_interrupted_run_is_resumed(main_bench, count_training):
     run = main_bench / "runs" / "superdiffusion" / "frac0.25" / "seed1"
     (run / "DONE").unlink()  # as if killed before the end: config.yaml and checkpoints, no DONE
     (run / "results.json").unlink()
-    assert bench(main_bench, "--methods", "supervised,superdiffusion", "--fractions", "0.25", "--seeds", "0,1") == 0
+    args = ["--methods", "supervised,superdiffusion", "--fractions", "0.25", "--seeds", "0,1"]
+    (main_bench / "dice_vs_fraction.png").unlink()
+    assert bench(main_bench, *args, "--report-only") == 0  # a bench cut short: tables and figures, no training
+    assert count_training == [] and len(read_rows(main_bench)) == 12
+    assert "| superdiffusion | 0.25 | 3 | 1 |" in (main_bench / "summary.md").read_text()  # one seed so far
+    assert_png(main_bench / "dice_vs_fraction.png")
+    assert bench(main_bench, *args) == 0
     assert count_training == [(run, True)]
     assert (run / "DONE").is_file() and len(read_rows(main_bench)) == 16
 
@@ -98,6 +104,14 @@ def test_parallel_jobs_match_serial_runs(main_bench, tmp_path):
     assert bench(out, "--methods", "supervised", "--fractions", "0.25", "--seeds", "0,1", "--jobs", "2") == 0
     serial = [r for r in read_rows(main_bench) if r["method"] == "supervised"]
     assert read_rows(out) == serial and len(serial) == 8
+
+
+def test_parallel_jobs_start_the_dearest_runs_first(tmp_path):
+    proto = load_protocol("synthetic")
+    specs = runner.plan(proto, ["supervised", "cps", "superdiffusion", "mean-teacher"], [], [0.25], [0], tmp_path,
+                        sets={}, data={}, steps=None)
+    assert [s.method for s in sorted(specs, key=runner.run_cost, reverse=True)] == \
+        ["superdiffusion", "cps", "mean-teacher", "supervised"]
 
 
 def test_separate_test_set(tmp_path):

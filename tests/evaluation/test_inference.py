@@ -11,7 +11,7 @@ from superdiffusion.config import load_config
 from superdiffusion.data.case import Case
 from superdiffusion.data.pipeline import prepare_image
 from superdiffusion.data.synthetic import make_synthetic_case
-from superdiffusion.evaluation.inference import evaluate_cases, predict_probabilities, segment
+from superdiffusion.evaluation.inference import evaluate_cases, predict_labels, predict_probabilities, segment
 from superdiffusion.methods import build_method
 
 
@@ -86,6 +86,10 @@ def test_3d_unet_sliding_window_and_three_classes():
                                   patch=[16, 16, 16])
     _check_probabilities(probs, 3, (20, 18, 16))
     assert set(np.unique(segment(probs))) <= {0, 1, 2}
+    # labels computed where the windows ran (validation's path) are the argmax of the probabilities
+    labels = predict_labels(method.predictors()["student"], case, data_cfg=cfg["data"], dims=3, patch=[16, 16, 16])
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, segment(probs))
 
 
 @pytest.mark.parametrize(("dims", "shape", "scale", "net_shape"), [

@@ -210,8 +210,10 @@ def load_test_set(cfg: dict, test_data: str, test_list: str | None) -> TestSet:
 def run_bench(protocol: str, *, out: str | Path, methods: str | None = None, fractions: str | None = None,
               seeds: str | None = None, ablation: str | None = None, train_data: str | None = None,
               train_list: str | None = None, test_data: str | None = None, test_list: str | None = None,
-              steps: int | None = None, overrides: list[str] = (), progress: bool = True, jobs: int = 1) -> Bench:
-    """Check the whole plan, train what is missing, then (re)write every table and figure."""
+              steps: int | None = None, overrides: list[str] = (), progress: bool = True, jobs: int = 1,
+              train: bool = True) -> Bench:
+    """Check the whole plan, train what is missing (unless `train` is False), then (re)write every table and
+    figure."""
     from . import figures, report
 
     proto = load_protocol(protocol)
@@ -269,6 +271,8 @@ def run_bench(protocol: str, *, out: str | Path, methods: str | None = None, fra
         head = f"[{i}/{len(runs)}] {spec.run_dir.relative_to(out)}"
         if (spec.run_dir / DONE).is_file():
             print(f"{head}: finished, skipped", flush=True)
+        elif not train:
+            print(f"{head}: not finished, left out (--report-only)", flush=True)
         else:
             todo.append((head, spec, (spec.run_dir / "config.yaml").is_file()))
     if jobs > 1 and len(todo) > 1:
@@ -298,12 +302,18 @@ def _train_in_worker(cfg: dict, run_dir: str, resume: bool, threads: int) -> flo
     return time.perf_counter() - t0
 
 
+def run_cost(spec: RunSpec) -> float:
+    """A run's training cost in supervised steps (its method's step_cost x steps)."""
+    return method_class(spec.cfg["method"]).step_cost * spec.cfg["train"]["steps"]
+
+
 def train_parallel(bench: Bench, todo: list[tuple[str, RunSpec, bool]], jobs: int) -> None:
     """Up to `jobs` runs at once in spawned processes (safe with CUDA); tables are rewritten as runs finish.
 
     Runs never share a folder, so they cannot collide; an interrupted bench resumes as in the serial case.
     """
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    todo = sorted(todo, key=lambda t: -run_cost(t[1]))  # dearest first: no long run left alone at the end
     print(f"training {len(todo)} runs, {jobs} at a time ({threads} torch thread(s) each)", flush=True)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {}

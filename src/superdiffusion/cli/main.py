@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train up to N runs at once in separate processes (e.g. several runs sharing one GPU, or "
                         "a many-core machine); each gets cores/N torch threads unless train.threads is set")
+    b.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables and figures from the runs finished so far (for a "
+                        "benchmark cut short; the missing cells read 'not run yet')")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     x = sub.add_parser("export", help="save a run's predictor as a TorchScript file that needs only PyTorch",
@@ -233,7 +236,7 @@ def cmd_bench(args) -> int:
                           seeds=args.seeds, ablation=args.ablation, train_data=args.train_data,
                           train_list=args.train_list, test_data=args.test_data, test_list=args.test_list,
                           steps=args.steps, overrides=args.overrides, progress=not args.no_progress,
-                          jobs=args.jobs)
+                          jobs=args.jobs, train=not args.report_only)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -20,18 +20,19 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def predict_probabilities(logits_fn: LogitsFn, case: Case, *, data_cfg: dict, dims: int, patch: list[int],
-                          overlap: float = 0.5, sw_batch_size: int = 4, device: str | torch.device = "cpu"
-                          ) -> np.ndarray:
-    """Class probabilities (K, *spatial) of a raw case at its original resolution (windows run on `device`)."""
+def probabilities_tensor(logits_fn: LogitsFn, case: Case, *, data_cfg: dict, dims: int, patch: list[int],
+                         overlap: float = 0.5, sw_batch_size: int = 4, device: str | torch.device = "cpu"
+                         ) -> torch.Tensor:
+    """Class probabilities (K, *spatial) of a raw case at its original resolution, left on `device`, where the
+    windows ran: a GPU then also resamples (and thresholds) the volume instead of the host."""
     image = torch.from_numpy(prepare_image(case.image, data_cfg))
     roi = tuple(int(p) for p in patch)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        # windows are stitched where they run (no copy per window), then the slab comes back once
+        # windows are stitched where they run (no copy per window)
         logits = sliding_window_inference(batch, roi, sw_batch_size, logits_fn, overlap=overlap, mode="gaussian",
                                           sw_device=device, device=device)
-        return torch.softmax(logits, dim=1).cpu()
+        return torch.softmax(logits, dim=1)
 
     if dims == 2 and image.ndim == 4:  # a 3D case through a 2D network: slices become the batch
         axis = 1 + data_cfg["slice_axis"]
@@ -40,7 +41,19 @@ def predict_probabilities(logits_fn: LogitsFn, case: Case, *, data_cfg: dict, di
         probs = probs.movedim(0, axis)  # (K, ... , S at axis ...)
     else:
         probs = run(image[None])[0]
-    return resize(probs, case.spatial_shape).numpy()
+    return resize(probs, case.spatial_shape)
+
+
+def predict_probabilities(logits_fn: LogitsFn, case: Case, **options) -> np.ndarray:
+    """Class probabilities (K, *spatial) of a raw case at its original resolution (options as
+    `probabilities_tensor`)."""
+    return probabilities_tensor(logits_fn, case, **options).cpu().numpy()
+
+
+def predict_labels(logits_fn: LogitsFn, case: Case, **options) -> np.ndarray:
+    """Label map of a raw case at its original resolution: `segment` done where the windows ran, so that only
+    the labels travel back (validation on a GPU is otherwise bound by the host's resampling)."""
+    return probabilities_tensor(logits_fn, case, **options).argmax(0).cpu().numpy()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -61,8 +74,8 @@ def evaluate_cases(logits_fn: LogitsFn, cases: list[Case], *, data_cfg: dict, di
     """Per-case metrics (Dice only when `full` is False, for cheap periodic validation)."""
     out = {}
     for case in cases:
-        pred = segment(predict_probabilities(logits_fn, case, data_cfg=data_cfg, dims=dims, patch=patch,
-                                             overlap=overlap, sw_batch_size=sw_batch_size, device=device))
+        pred = predict_labels(logits_fn, case, data_cfg=data_cfg, dims=dims, patch=patch, overlap=overlap,
+                              sw_batch_size=sw_batch_size, device=device)
         if full:
             out[case.id] = case_metrics(pred, case.label, num_classes=data_cfg["num_classes"],
                                         spacing=case.spacing)

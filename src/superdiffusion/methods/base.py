@@ -28,6 +28,9 @@ class Method(nn.Module):
     # backward: a method may then back-propagate independent parts of its loss inside the step, to free
     # memory, and return them detached.
     early_backward = False
+    # A training step's cost in supervised steps (bench-speed's ratios, 2D): `bench --jobs` starts the dearest
+    # runs first, so that no long run is left alone at the end.
+    step_cost = 1.0
 
     def __init__(self, cfg: dict, *, dims: int, in_channels: int, num_classes: int):
         super().__init__()

@@ -53,6 +53,7 @@ class MeanTeacher(Method):
 
     name = "mean-teacher"
     uses_unlabelled = True
+    step_cost = 2.0
     ema_decay = 0.99
     consistency = 0.1
 
@@ -136,6 +137,7 @@ class CPS(Method):
 
     name = "cps"
     uses_unlabelled = True
+    step_cost = 4.0
     cps_weight = 0.1
 
     def __init__(self, cfg: dict, **kw):

@@ -153,6 +153,7 @@ class CoTrain(Method):
 
     name = "cotrain"
     uses_unlabelled = True
+    step_cost = 16.0  # R = 3
 
     def __init__(self, cfg: dict, **kw):
         super().__init__(cfg, **kw)
