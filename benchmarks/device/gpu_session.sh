@@ -8,7 +8,8 @@
 #   4. predict (teacher ensemble + uncertainty, DDIM) and export on a la2d run
 #   5. the la3d-full protocol for a few steps (step time -> cost of the full protocol)
 # PARTS picks some of them (default all: smoke,la2d,speed,predict,la3d); LA2D_S bounds the table's seconds,
-# LA2D_JOBS its runs at a time, LA2D_ARGS adds bench options (e.g. --ablation weight).
+# LA2D_JOBS its runs at a time, LA2D_ARGS adds bench options (e.g. --ablation weight), LA2D_FROM (a folder
+# in the tree) holds the runs of a table cut short to go on with.
 set -u
 PARTS=,${PARTS:-smoke,la2d,speed,predict,la3d},
 part() { [[ $PARTS == *,$1,* ]]; }
@@ -34,6 +35,7 @@ fi
 B=$T/la2d
 if part la2d; then
 stamp la2d table
+if [ -n "${LA2D_FROM:-}" ]; then cp -r "$LA2D_FROM" $B; fi  # runs finished in an earlier session are skipped
 # windows of 64 slices per call: validation on a GPU is otherwise bound by per-window launches
 timeout -k 10 $LA2D_S $SD bench --protocol la2d-cpu --train-data /tmp/LA --out $B --jobs $LA2D_JOBS --no-progress \
   --set eval.sw_batch_size=64 $LA2D_ARGS > $OUT/la2d.log 2>&1

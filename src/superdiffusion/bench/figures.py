@@ -14,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..data.case import Case
+from ..errors import InputError
 from ..evaluation.inference import predict_probabilities, segment
 from ..evaluation.predict import load_run
 from .protocols import REFERENCE
@@ -96,14 +97,20 @@ def _best_slice(volume_label: np.ndarray, axis: int) -> int:
 
 def qualitative(bench, n_cases: int | None = None) -> Path | None:
     """Image, teacher pseudo-label, student prediction, ground truth and teacher uncertainty (ensemble std)
-    for a few validation cases of the first SuperDiffusion run (first fraction, first seed)."""
+    for a few validation cases of the first finished SuperDiffusion run that still has its checkpoints (first
+    fraction, first seed, unless its checkpoints were left behind, as when runs are copied back from a GPU)."""
     from .runner import qualitative_cases
 
-    spec = next((s for s in bench.specs if s.method == REFERENCE and (s.run_dir / "DONE").is_file()), None)
     path = bench.out / "qualitative.png"
-    if spec is None:
+    for spec in bench.specs:
+        if spec.method == REFERENCE and (spec.run_dir / "DONE").is_file():
+            try:
+                run = load_run(spec.run_dir)
+                break
+            except InputError:  # checkpoint not found
+                continue
+    else:
         return None
-    run = load_run(spec.run_dir)
     cfg, teacher, preds = run.cfg, run.method.teacher, run.method.predictors()
     dc, ec = cfg["diffusion"], cfg["eval"]
 
