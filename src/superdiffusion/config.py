@@ -101,6 +101,10 @@ DEFAULTS: dict[str, Any] = {
         "round_weight": 1.0,  # lambda; each round's terms weigh lambda / R
         "unlabelled_weight": 1.0,  # final weight of the CPS term, ramped linearly from 0
         "cps_loss": "dice",  # on argmax pseudo-labels (CPS, rounds): dice (reference, per image) | dice-batch | ce
+        # weight of the rounds' alignment to the student's pseudo-labels (unlabelled images): full (reference: as
+        # the labelled images', from the first step) | ramped (w(step), as the CPS term: no pseudo-label weighs
+        # more than the unlabelled weight)
+        "align_unlabelled": "full",
         "pretrained": True,  # start co-training from the stage-1 teacher (False = random teacher)
         "init": None,  # path of a stage-1 checkpoint to start co-training from (method = cotrain)
     },

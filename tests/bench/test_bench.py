@@ -69,7 +69,7 @@ def test_outputs(main_bench):
     text = (out / "summary.md").read_text()
     for needle in ("validation split carved from the training cases", "seeds: 0, 1", "20 steps",
                    "10 cycle pre-training steps", "Checkpoint rule: best validation Dice", "Threshold: argmax",
-                   "Wilcoxon", "| supervised | 0.25 | 8 |", "± "):
+                   "Wilcoxon", "| supervised | 0.25 | 8 |", "± ", "(--set): `train.threads=1`"):
         assert needle in text, needle
     for name in ("dice_vs_fraction.png", "qualitative.png"):
         assert_png(out / name)

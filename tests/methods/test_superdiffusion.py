@@ -647,3 +647,22 @@ def test_cps_loss_can_be_cross_entropy():
                                batch_dice(p_s, p_t.argmax(1)) + batch_dice(p_t, p_s.argmax(1)))
     with pytest.raises(InputError, match="cps_loss"):
         _cotrain("superdiffusion.cps_loss=mse")
+
+
+def test_align_unlabelled_ramped_weighs_pseudo_labels_by_w():
+    """superdiffusion.align_unlabelled=ramped: the rounds' alignment to the student's pseudo-labels weighs w(step),
+    the labelled images' alignment keeps weight 1: linear in w, and the reference's term at w = 1."""
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    kw = dict(step=3, total_steps=4)  # ramp (3 + 1) / 4 = 1: w = unlabelled_weight
+
+    def align(weight: float, mode: str = "ramped") -> torch.Tensor:
+        m = _cotrain("superdiffusion.rounds=1", f"superdiffusion.unlabelled_weight={weight}",
+                     f"superdiffusion.align_unlabelled={mode}")
+        return m.losses(batch, generator=g(), **kw)["align"]
+
+    torch.testing.assert_close(align(1.0), align(1.0, "full"))
+    a0, a_half, a1 = align(0.0), align(0.5), align(1.0)
+    torch.testing.assert_close(a_half, (a0 + a1) / 2)  # the same passes: only the unlabelled half's weight moves
+    assert a0 < a1  # the pseudo-label half carries loss, and w = 0 removes it
+    with pytest.raises(InputError, match="align_unlabelled"):
+        _cotrain("superdiffusion.align_unlabelled=half")

@@ -182,6 +182,8 @@ def summary(bench, rows: list[dict]) -> str:
     lines = [f"# Benchmark: protocol `{p.name}`", "", p.description, "",
              f"- Protocol file: `{p.path}`; methods: {', '.join(bench.methods)}"
              + (f"; ablations: {', '.join(a.name for a in bench.ablations)}" if bench.ablations else "") + ".",
+             *([f"- Config overrides for every run (--set): {', '.join(f'`{o}`' for o in bench.overrides)}."]
+               if bench.overrides else []),
              *evaluation_text(bench, results),
              f"- Labelled fractions: {', '.join(f'{f:g}' for f in bench.fractions)}; seeds: "
              f"{', '.join(map(str, bench.seeds))} (each seed sets both the training seed and the split seed).",

@@ -67,6 +67,7 @@ class Bench:
     seeds: list[int]
     specs: list[RunSpec]
     test: TestSet | None = None
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE, as given
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -255,7 +256,7 @@ def run_bench(protocol: str, *, out: str | Path, methods: str | None = None, fra
                          "(la, volumes, folders, ...) naming the format of the training folder")
     out = Path(out)
     specs = plan(proto, method_names, ablations, fracs, seed_list, out, sets=sets, data=data, steps=steps)
-    bench = Bench(proto, out, method_names, ablations, fracs, seed_list, specs)
+    bench = Bench(proto, out, method_names, ablations, fracs, seed_list, specs, overrides=list(overrides))
     if test_data:
         bench.test = load_test_set(specs[0].cfg, test_data, test_list)
         overlap = set(bench.test.ids) & set(case_ids(specs[0].cfg["data"]))

@@ -166,6 +166,8 @@ class CoTrain(Method):
         if sd["cps_loss"] not in losses:
             raise InputError(f"superdiffusion.cps_loss: unknown {sd['cps_loss']!r} ({', '.join(losses)})")
         self.pseudo_loss = losses[sd["cps_loss"]]
+        if sd["align_unlabelled"] not in ("full", "ramped"):
+            raise InputError(f"superdiffusion.align_unlabelled: unknown {sd['align_unlabelled']!r} (full, ramped)")
         if not isinstance(sd["rounds"], int) or sd["rounds"] < 0:
             raise InputError(f"superdiffusion.rounds: {sd['rounds']!r} must be an integer >= 0")
         self.teacher = build_teacher(self)
@@ -208,6 +210,7 @@ class CoTrain(Method):
         same, but the step's memory is that of its largest part, not the sum of all: flat in R.
         """
         sd, T, d = self.cfg["superdiffusion"], self.teacher, self.teacher.diffusion
+        w = sd["unlabelled_weight"] * linear_ramp(step, total_steps)
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
         x, n_l = torch.cat([x_l, x_u]), len(x_l)
         p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=generator), T.randn_like_mask(x, generator))
@@ -234,7 +237,11 @@ class CoTrain(Method):
                     r_rec = r_rec.detach()
                 p_r = T.mask_logits(x_r, d.sample_timesteps(len(x), generator=generator),
                                     T.randn_like_mask(x, generator))
-                r_align = self.pseudo_loss(p_r, target)
+                if sd["align_unlabelled"] == "ramped":  # per-image mean over the batch, pseudo-labels x w
+                    r_align = (n_l * self.pseudo_loss(p_r[:n_l], y) +
+                               w * len(x_u) * self.pseudo_loss(p_r[n_l:], pseudo_s)) / len(x)
+                else:
+                    r_align = self.pseudo_loss(p_r, target)
                 if sd["round_mode"] == "chained":
                     mask = torch.softmax(p_r, 1).detach()
                 if early:
