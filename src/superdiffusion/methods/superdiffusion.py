@@ -200,6 +200,10 @@ class CoTrain(Method):
         m_t = T.diffusion.q_sample(T.null_mask(x), t, T.randn_like_mask(x, generator))
         return self.student(torch.cat([m_t, x], 1), t)
 
+    def unlabelled_weight(self, step: int, total_steps: int) -> float:
+        """w(step): the final unlabelled weight, ramped linearly from 0 (the reference's (e + 1) / E)."""
+        return self.cfg["superdiffusion"]["unlabelled_weight"] * linear_ramp(step, total_steps)
+
     def losses(self, batch: Batch, *, step: int, total_steps: int, generator: torch.Generator,
                early: tuple[float, float] | None = None) -> dict[str, Tensor]:
         """Each term separately (tests check where each one's gradient goes).
@@ -210,7 +214,7 @@ class CoTrain(Method):
         same, but the step's memory is that of its largest part, not the sum of all: flat in R.
         """
         sd, T, d = self.cfg["superdiffusion"], self.teacher, self.teacher.diffusion
-        w = sd["unlabelled_weight"] * linear_ramp(step, total_steps)
+        w = self.unlabelled_weight(step, total_steps)
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
         x, n_l = torch.cat([x_l, x_u]), len(x_l)
         p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=generator), T.randn_like_mask(x, generator))
@@ -254,7 +258,7 @@ class CoTrain(Method):
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         sd = self.cfg["superdiffusion"]
-        w = sd["unlabelled_weight"] * linear_ramp(step, total_steps)
+        w = self.unlabelled_weight(step, total_steps)
         terms = self.losses(batch, step=step, total_steps=total_steps, generator=generator,
                             early=(w, sd["round_weight"]) if self.early_backward else None)
         loss = terms["sup"] + w * terms["cps"]  # detached (already back-propagated) when early
