@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "patch": [64, 64],  # training crop size (pads when the image is smaller)
         "fg_oversample": 0.33,  # probability that a labelled crop is centred on foreground
         "augment": True,  # random flips and 90-degree rotations in-plane
+        "photometric": False,  # labelled crops: random intensity scale/shift, gamma, blur and noise (data/perturb.py)
         "optimizer": "adam",  # adam | adamw | sgd
         "lr": 1e-3,
         "weight_decay": 0.0,
@@ -105,6 +106,9 @@ DEFAULTS: dict[str, Any] = {
         # the labelled images', from the first step) | ramped (w(step), as the CPS term: no pseudo-label weighs
         # more than the unlabelled weight)
         "align_unlabelled": "full",
+        # what the CPS term's networks see of an unlabelled image: same (the reference: the image whose argmax is the
+        # other network's pseudo-label) | photometric (a perturbed view: intensity, gamma, blur, noise; FixMatch)
+        "unlabelled_view": "same",
         "pretrained": True,  # start co-training from the stage-1 teacher (False = random teacher)
         "init": None,  # path of a stage-1 checkpoint to start co-training from (method = cotrain)
     },

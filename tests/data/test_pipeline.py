@@ -10,6 +10,7 @@ import torch
 
 from superdiffusion.data import pipeline
 from superdiffusion.data.case import Case
+from superdiffusion.data.perturb import PhotometricView
 from superdiffusion.data.pipeline import (
     PatchSampler,
     build_data,
@@ -65,6 +66,18 @@ def test_augmentation_moves_image_and_label_together():
     for step in range(10):
         b = s.batch(step, 4)
         assert torch.equal(b["label"], (b["image"][:, 0] > 0).long())
+
+
+def test_photometric_augmentation_changes_intensities_of_the_same_crops():
+    """train.photometric: the same crops and labels as without it (drawn after them), intensities perturbed,
+    redrawable from (seed, step)."""
+    cases = _cases()
+    plain = PatchSampler(cases, dims=2, patch=[16, 16], fg_oversample=0.5, seed=3)
+    view = PatchSampler(cases, dims=2, patch=[16, 16], fg_oversample=0.5, seed=3, photometric=PhotometricView())
+    a, b = plain.batch(5, 4), view.batch(5, 4)
+    assert torch.equal(a["label"], b["label"])
+    assert not torch.allclose(a["image"], b["image"])
+    assert torch.equal(view.batch(5, 4)["image"], b["image"])
 
 
 @pytest.mark.parametrize(("slice_axis", "plane"), [(0, (14, 10)), (1, (12, 10)), (2, (12, 14))])

@@ -351,6 +351,17 @@ def test_3d_volumes_through_a_2d_net(tmp_path, tiny_cfg):
     assert 0.0 <= r["val"]["student"]["mean"]["dice"]["mean"] <= 1.0
 
 
+def test_photometric_option_perturbs_the_labelled_crops(tmp_path, tiny_cfg):
+    """train.photometric reaches the labelled stream: the same steps, other losses, same labels."""
+    losses = {}
+    for on in (False, True):
+        cfg = tiny_cfg("train.steps=3", "train.val_every=0", f"train.photometric={str(on).lower()}")
+        train_run(cfg, tmp_path / f"run-{on}", progress=False)
+        losses[on] = [x["loss"] for x in _train_lines(tmp_path / f"run-{on}")]
+    assert len(losses[True]) == len(losses[False]) == 3
+    assert losses[True][0] != losses[False][0]  # same initial weights and crops: only intensities differ
+
+
 # ----------------------------------------------------------------------------------------- learning
 def test_supervised_training_learns(tmp_path, tiny_cfg):
     # 60 steps on 4 labelled 32x32 cases: the loss roughly halves and validation Dice reaches ~0.63

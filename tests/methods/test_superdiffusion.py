@@ -666,3 +666,28 @@ def test_align_unlabelled_ramped_weighs_pseudo_labels_by_w():
     assert a0 < a1  # the pseudo-label half carries loss, and w = 0 removes it
     with pytest.raises(InputError, match="align_unlabelled"):
         _cotrain("superdiffusion.align_unlabelled=half")
+
+
+def test_unlabelled_view_photometric_learns_clean_pseudo_labels_on_perturbed_images():
+    """superdiffusion.unlabelled_view=photometric: pseudo-labels from the clean images, each network's CPS loss
+    on a perturbed view (FixMatch); the supervised term is untouched and the CPS term still trains both."""
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    same = _cotrain("superdiffusion.rounds=0").losses(batch, step=1, total_steps=4, generator=g())
+    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.unlabelled_view=photometric")
+    m.train()
+    terms = m.losses(batch, step=1, total_steps=4, generator=g())
+    torch.testing.assert_close(terms["sup"], same["sup"])
+    assert not torch.allclose(terms["cps"], same["cps"])
+    T, d, x = m.teacher, m.teacher.diffusion, torch.cat([batch["image"], batch["unlabelled"]])
+    gen = g()
+    p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=gen), T.randn_like_mask(x, gen))[2:]
+    p_s = m.student_logits(x, gen)[2:]
+    x_v = m.unlabelled_view(batch["unlabelled"], gen)
+    assert not torch.allclose(x_v, batch["unlabelled"])
+    u_s = m.student_logits(x_v, gen)
+    u_t = T.mask_logits(x_v, d.sample_timesteps(len(x_v), generator=gen), T.randn_like_mask(x_v, gen))
+    want = m.pseudo_loss(u_s, p_t.argmax(1)) + m.pseudo_loss(u_t, p_s.argmax(1))
+    torch.testing.assert_close(terms["cps"], want)
+    assert _reach(m, terms["cps"]) == {"student", "mask_net"}
+    with pytest.raises(InputError, match="unlabelled_view"):
+        _cotrain("superdiffusion.unlabelled_view=cutmix")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .case import Case, CaseRef
+from .perturb import PhotometricView
 from .readers import discover, load_case
 from .splits import make_split
 from .synthetic import make_synthetic_dataset
@@ -142,14 +143,15 @@ class PatchSampler:
     """Random training crops (2D slices of 3D cases when dims = 2), re-drawable from (seed, step)."""
 
     def __init__(self, cases: list[Case], *, dims: int, patch: list[int], slice_axis: int = 2,
-                 augment: bool = True, fg_oversample: float = 0.0, seed: int = 0, stream: int = 0):
+                 augment: bool = True, fg_oversample: float = 0.0, seed: int = 0, stream: int = 0,
+                 photometric: PhotometricView | None = None):
         if not cases:
             raise InputError("no cases to sample training crops from")
         if len(patch) != dims:
             raise InputError(f"train.patch: {patch} does not have {dims} sizes for a {dims}-D network")
         self.cases, self.dims, self.patch = cases, dims, tuple(int(p) for p in patch)
         self.slice_axis, self.augment, self.fg_oversample = slice_axis, augment, fg_oversample
-        self.seed, self.stream = seed, stream
+        self.seed, self.stream, self.photometric = seed, stream, photometric
         self.slicing = dims == 2 and cases[0].spatial_dims == 3
         self.foreground = [np.argwhere(c.label > 0) if c.label is not None else None for c in cases]
 
@@ -157,6 +159,8 @@ class PatchSampler:
         rng = np.random.default_rng([self.seed, self.stream, step, rank])
         samples = [self.sample(rng) for _ in range(size)]
         out = {"image": torch.from_numpy(np.stack([s[0] for s in samples]))}
+        if self.photometric is not None:  # drawn after the crops: the same crops with or without it
+            out["image"] = self.photometric(out["image"], torch.Generator().manual_seed(int(rng.integers(2**31 - 1))))
         if samples[0][1] is not None:
             out["label"] = torch.from_numpy(np.stack([s[1] for s in samples]))
         return out

@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, previous_path, rng_state, save_checkpoint, set_rng_state
+from ..data.perturb import PhotometricView
 from ..data.pipeline import DataBundle, PatchSampler
 from ..errors import InputError
 from ..evaluation.inference import evaluate_cases, resolve_device
@@ -90,7 +91,8 @@ class Trainer:
         common = dict(dims=dims, patch=tc["patch"], slice_axis=cfg["data"]["slice_axis"],
                       augment=tc["augment"], seed=seed)
         if getattr(method, "reads_labels", True):
-            self.labelled = PatchSampler(data.labelled, fg_oversample=tc["fg_oversample"], stream=0, **common)
+            self.labelled = PatchSampler(data.labelled, fg_oversample=tc["fg_oversample"], stream=0,
+                                         photometric=PhotometricView() if tc["photometric"] else None, **common)
         else:  # label-free stage (pre-training): every training image, no label reachable
             self.labelled = PatchSampler([c.without_label() for c in data.labelled] + data.unlabelled,
                                          stream=0, **common)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.perturb import PhotometricView
 from ..diffusion import GaussianDiffusion
 from ..errors import InputError
 from ..nets.unet import UNet
@@ -146,7 +147,8 @@ class CoTrain(Method):
     L = L_sup + w(step) L_cps + lambda / R * sum_r (L_rec^(r) + L_align^(r))
     L_sup: Dice (+ CE) of student and teacher on labels; L_cps: each network on the other's argmax (soft Dice
     per image as the reference, Dice over the batch, or cross-entropy as the CPS paper: superdiffusion.cps_loss,
-    which the rounds' alignment term uses too);
+    which the rounds' alignment term uses too; each network learns on the unlabelled images themselves, as the
+    reference, or on a photometric strong view of them: superdiffusion.unlabelled_view);
     rounds: the teacher re-synthesises the image from its own (detached) mask, then segments the
     re-synthesis, aligned to the student's argmax (unlabelled) or the label (labelled).
     """
@@ -168,6 +170,10 @@ class CoTrain(Method):
         self.pseudo_loss = losses[sd["cps_loss"]]
         if sd["align_unlabelled"] not in ("full", "ramped"):
             raise InputError(f"superdiffusion.align_unlabelled: unknown {sd['align_unlabelled']!r} (full, ramped)")
+        views = {"same": None, "photometric": PhotometricView()}
+        if sd["unlabelled_view"] not in views:
+            raise InputError(f"superdiffusion.unlabelled_view: unknown {sd['unlabelled_view']!r} (same, photometric)")
+        self.unlabelled_view = views[sd["unlabelled_view"]]
         if not isinstance(sd["rounds"], int) or sd["rounds"] < 0:
             raise InputError(f"superdiffusion.rounds: {sd['rounds']!r} must be an integer >= 0")
         self.teacher = build_teacher(self)
@@ -220,8 +226,14 @@ class CoTrain(Method):
         p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=generator), T.randn_like_mask(x, generator))
         p_s = self.student_logits(x, generator)
         pseudo_t, pseudo_s = p_t[n_l:].argmax(1).detach(), p_s[n_l:].argmax(1).detach()
+        u_s, u_t = p_s[n_l:], p_t[n_l:]
+        if self.unlabelled_view is not None:  # pseudo-labels of the clean view, learned on the perturbed one
+            x_v = self.unlabelled_view(x_u, generator)
+            u_s = self.student_logits(x_v, generator)
+            u_t = T.mask_logits(x_v, d.sample_timesteps(len(x_v), generator=generator),
+                                T.randn_like_mask(x_v, generator))
         out = {"sup": self.sup_loss(p_s[:n_l], y) + self.sup_loss(p_t[:n_l], y),
-               "cps": self.pseudo_loss(p_s[n_l:], pseudo_t) + self.pseudo_loss(p_t[n_l:], pseudo_s)}
+               "cps": self.pseudo_loss(u_s, pseudo_t) + self.pseudo_loss(u_t, pseudo_s)}
         if early:
             (out["sup"] + early[0] * out["cps"]).backward()
             out = {k: v.detach() for k, v in out.items()}
