@@ -109,6 +109,9 @@ DEFAULTS: dict[str, Any] = {
         # what the CPS term's networks see of an unlabelled image: same (the reference: the image whose argmax is the
         # other network's pseudo-label) | photometric (a perturbed view: intensity, gamma, blur, noise; FixMatch)
         "unlabelled_view": "same",
+        # the student's labelled and unlabelled crops: joint (one forward pass, batch-norm statistics over both, as
+        # the reference) | split (two passes: its labelled batches normalised as the supervised baseline's)
+        "student_passes": "joint",
         "pretrained": True,  # start co-training from the stage-1 teacher (False = random teacher)
         "init": None,  # path of a stage-1 checkpoint to start co-training from (method = cotrain)
     },

@@ -691,3 +691,24 @@ def test_unlabelled_view_photometric_learns_clean_pseudo_labels_on_perturbed_ima
     assert _reach(m, terms["cps"]) == {"student", "mask_net"}
     with pytest.raises(InputError, match="unlabelled_view"):
         _cotrain("superdiffusion.unlabelled_view=cutmix")
+
+
+def test_student_passes_split_changes_only_batch_statistics():
+    """superdiffusion.student_passes=split: the student's labelled and unlabelled crops go through separate
+    forward passes; in eval mode (running statistics) that is the same function, in training only the batch-norm
+    statistics differ, so the supervised term moves."""
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    joint, split = _cotrain("superdiffusion.rounds=0"), _cotrain("superdiffusion.rounds=0",
+                                                                  "superdiffusion.student_passes=split")
+    for m in (joint, split):
+        m.eval()
+    torch.testing.assert_close(split.losses(batch, step=1, total_steps=4, generator=g())["sup"],
+                               joint.losses(batch, step=1, total_steps=4, generator=g())["sup"])
+    for m in (joint, split):
+        m.train()
+    a = joint.losses(batch, step=1, total_steps=4, generator=g())
+    b = split.losses(batch, step=1, total_steps=4, generator=g())
+    assert not torch.allclose(a["sup"], b["sup"])
+    assert _reach(split, b["sup"]) == {"student", "mask_net"}
+    with pytest.raises(InputError, match="student_passes"):
+        _cotrain("superdiffusion.student_passes=both")

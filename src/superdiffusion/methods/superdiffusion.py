@@ -170,6 +170,8 @@ class CoTrain(Method):
         self.pseudo_loss = losses[sd["cps_loss"]]
         if sd["align_unlabelled"] not in ("full", "ramped"):
             raise InputError(f"superdiffusion.align_unlabelled: unknown {sd['align_unlabelled']!r} (full, ramped)")
+        if sd["student_passes"] not in ("joint", "split"):
+            raise InputError(f"superdiffusion.student_passes: unknown {sd['student_passes']!r} (joint, split)")
         views = {"same": None, "photometric": PhotometricView()}
         if sd["unlabelled_view"] not in views:
             raise InputError(f"superdiffusion.unlabelled_view: unknown {sd['unlabelled_view']!r} (same, photometric)")
@@ -224,7 +226,10 @@ class CoTrain(Method):
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
         x, n_l = torch.cat([x_l, x_u]), len(x_l)
         p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=generator), T.randn_like_mask(x, generator))
-        p_s = self.student_logits(x, generator)
+        if sd["student_passes"] == "split":  # batch-norm statistics of labelled crops never mix with unlabelled ones
+            p_s = torch.cat([self.student_logits(x_l, generator), self.student_logits(x_u, generator)])
+        else:
+            p_s = self.student_logits(x, generator)
         pseudo_t, pseudo_s = p_t[n_l:].argmax(1).detach(), p_s[n_l:].argmax(1).detach()
         u_s, u_t = p_s[n_l:], p_t[n_l:]
         if self.unlabelled_view is not None:  # pseudo-labels of the clean view, learned on the perturbed one
