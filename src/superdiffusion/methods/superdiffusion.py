@@ -109,6 +109,13 @@ def build_teacher(method: Method) -> DiffusionTeacher:
                             model_cfg=method.cfg["model"], diffusion_cfg=method.cfg["diffusion"])
 
 
+def superdiffusion_choice(sd: dict, key: str, choices) -> str:
+    """sd[key] if it is one of `choices` (names, or a dict keyed by them), else a one-line error naming the key."""
+    if sd[key] not in choices:
+        raise InputError(f"superdiffusion.{key}: unknown {sd[key]!r} ({', '.join(choices)})")
+    return sd[key]
+
+
 class Pretrain(Method):
     """Stage 1 (section 2): the cycle image -> mask -> image, without any label.
 
@@ -160,22 +167,13 @@ class CoTrain(Method):
     def __init__(self, cfg: dict, **kw):
         super().__init__(cfg, **kw)
         sd = cfg["superdiffusion"]
-        if sd["student"] not in ("unet", "twin"):
-            raise InputError(f"superdiffusion.student: unknown {sd['student']!r} (unet, twin)")
-        if sd["round_mode"] not in ("independent", "chained"):
-            raise InputError(f"superdiffusion.round_mode: unknown {sd['round_mode']!r} (independent, chained)")
+        for key, choices in (("student", ("unet", "twin")), ("round_mode", ("independent", "chained")),
+                             ("align_unlabelled", ("full", "ramped")), ("student_passes", ("joint", "split"))):
+            superdiffusion_choice(sd, key, choices)
         losses = {"dice": dice_loss(), "dice-batch": dice_loss(batch=True), "ce": nn.CrossEntropyLoss()}
-        if sd["cps_loss"] not in losses:
-            raise InputError(f"superdiffusion.cps_loss: unknown {sd['cps_loss']!r} ({', '.join(losses)})")
-        self.pseudo_loss = losses[sd["cps_loss"]]
-        if sd["align_unlabelled"] not in ("full", "ramped"):
-            raise InputError(f"superdiffusion.align_unlabelled: unknown {sd['align_unlabelled']!r} (full, ramped)")
-        if sd["student_passes"] not in ("joint", "split"):
-            raise InputError(f"superdiffusion.student_passes: unknown {sd['student_passes']!r} (joint, split)")
+        self.pseudo_loss = losses[superdiffusion_choice(sd, "cps_loss", losses)]
         views = {"same": None, "photometric": PhotometricView()}
-        if sd["unlabelled_view"] not in views:
-            raise InputError(f"superdiffusion.unlabelled_view: unknown {sd['unlabelled_view']!r} (same, photometric)")
-        self.unlabelled_view = views[sd["unlabelled_view"]]
+        self.unlabelled_view = views[superdiffusion_choice(sd, "unlabelled_view", views)]
         if not isinstance(sd["rounds"], int) or sd["rounds"] < 0:
             raise InputError(f"superdiffusion.rounds: {sd['rounds']!r} must be an integer >= 0")
         self.teacher = build_teacher(self)
