@@ -30,7 +30,7 @@ from superdiffusion.engine.trainer import Trainer
 from superdiffusion.errors import InputError
 from superdiffusion.methods.base import dice_loss
 from superdiffusion.methods.superdiffusion import CoTrain, DiffusionTeacher, Pretrain, build_teacher
-from superdiffusion.nets.unet import UNet
+from superdiffusion.nets.unet import NETS
 
 torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster than two here
 
@@ -397,7 +397,7 @@ def test_cotrain_predictors(student):
     x, _ = _images(2)
     preds = m.predictors()
     assert list(preds) == ["student", "teacher"]
-    assert isinstance(m.student, UNet) and (m.student.time_mlp is None) == (student == "unet")
+    assert isinstance(m.student, NETS) and (m.student.time_mlp is None) == (student == "unet")
     with torch.no_grad():
         for fn in preds.values():
             out = fn(x)
@@ -598,7 +598,7 @@ def test_cotrain_init_loads_pretrained_teacher(pretrain_run, tmp_path):
     for k, v in own.items():
         assert torch.equal(v, state[f"teacher.{k}"]), k
     fresh = _cotrain()
-    key = "mask_net.head.weight"
+    key = "mask_net.last.conv.weight"
     assert not torch.equal(fresh.teacher.state_dict()[key], own[key])  # it was loaded, not re-initialised
     # a checkpoint without a teacher is refused with the file named
     bad = tmp_path / "no_teacher.pt"

@@ -14,7 +14,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
 
-from ..nets.unet import UNet
+from ..nets.unet import SegNet, build_unet
 
 Batch = dict[str, Tensor]
 
@@ -36,11 +36,10 @@ class Method(nn.Module):
         super().__init__()
         self.cfg, self.dims, self.in_channels, self.num_classes = cfg, dims, in_channels, num_classes
 
-    def segmentation_net(self) -> UNet:
+    def segmentation_net(self) -> SegNet:
         """A plain U-Net from the `model` config: image in, class logits out."""
-        m = self.cfg["model"]
-        return UNet(dims=self.dims, in_channels=self.in_channels, out_channels=self.num_classes,
-                    channels=m["channels"], norm=m["norm"])
+        return build_unet(self.cfg["model"], dims=self.dims, in_channels=self.in_channels,
+                          out_channels=self.num_classes)
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """One optimiser per entry; by default a single one over every parameter."""

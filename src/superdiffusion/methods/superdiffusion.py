@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..data.perturb import PhotometricView
 from ..diffusion import GaussianDiffusion
 from ..errors import InputError
-from ..nets.unet import UNet
+from ..nets.unet import NETS, build_unet
 from .base import Batch, Method, Stage, dice_loss, linear_ramp
 
 
@@ -36,10 +36,11 @@ class DiffusionTeacher(nn.Module):
     def __init__(self, *, dims: int, image_channels: int, num_classes: int, model_cfg: dict,
                  diffusion_cfg: dict):
         super().__init__()
-        unet = dict(dims=dims, channels=model_cfg["channels"], norm=model_cfg["norm"],
-                    time_embedding=model_cfg["time_embedding"])
-        self.mask_net = UNet(in_channels=num_classes + image_channels, out_channels=num_classes, **unet)
-        self.image_net = UNet(in_channels=image_channels + num_classes, out_channels=image_channels, **unet)
+        unet = dict(dims=dims, time_embedding=model_cfg["time_embedding"])
+        self.mask_net = build_unet(model_cfg, in_channels=num_classes + image_channels, out_channels=num_classes,
+                                   **unet)
+        self.image_net = build_unet(model_cfg, in_channels=image_channels + num_classes,
+                                    out_channels=image_channels, **unet)
         self.diffusion = GaussianDiffusion(timesteps=diffusion_cfg["timesteps"],
                                            schedule=diffusion_cfg["schedule"])
         self.num_classes, self.dcfg = num_classes, diffusion_cfg
@@ -199,7 +200,7 @@ class CoTrain(Method):
         return {"teacher": list(self.teacher.parameters()), "student": list(self.student.parameters())}
 
     def student_logits(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if isinstance(self.student, UNet) and self.student.time_mlp is None:
+        if isinstance(self.student, NETS) and self.student.time_mlp is None:
             return self.student(x)
         T = self.teacher  # the twin: same maths as the teacher's mask pathway, its own weights
         t = T.diffusion.sample_timesteps(len(x), generator=generator)
@@ -282,7 +283,7 @@ class CoTrain(Method):
         return loss, {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "w": w}
 
     def predictors(self):
-        student: Callable[[Tensor], Tensor] = self.student if isinstance(self.student, UNet) and \
+        student: Callable[[Tensor], Tensor] = self.student if isinstance(self.student, NETS) and \
             self.student.time_mlp is None else self._twin_fixed
         return {"student": student, "teacher": self.teacher.predictor()}
 
