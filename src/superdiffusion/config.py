@@ -43,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
         "slice_axis": 2,  # spatial axis of 3D volumes that 2D slices are cut along (LA: 2 = axial z)
         "num_classes": 2,  # K, background included; labels must lie in 0..K-1
         "scale": None,  # per spatial axis resampling factor, e.g. [0.5, 0.5, 1.0]; null = none
+        # fixed size per spatial axis that every case is resampled to, e.g. [96, 96, null] (null keeps that axis);
+        # null = none. Either scale or size. Predictions are resampled back to each case's own grid.
+        "size": None,
         "intensity": "percentile",  # percentile: clip to [0.5, 99.5] % and map to [-1, 1]; zscore
         "synthetic": {"cases": 24, "shape": [64, 64], "seed": 0},  # the built-in demo data
     },
@@ -52,8 +55,14 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,  # split seed: ids are sorted, then shuffled with it
     },
     "model": {
+        # monai: MONAI's UNet, one conv per level, strided first conv (fast) | double-conv: two convs per level, the
+        # stem at full resolution (the earlier default, 4-6x slower per pixel; runs made before this key keep it)
+        "arch": "monai",
         "channels": [16, 32, 64, 128],  # U-Net widths per level (depth = len)
         "norm": "batch",  # batch | instance | group
+        # dropout (arch monai): one rate for every convolution, or one per encoder level and none in the decoder
+        # (SSL4MIS's 2D U-Net: [0.05, 0.1, 0.2, 0.3, 0.5])
+        "dropout": 0.0,
         "time_embedding": "stem",  # diffusion nets: stem (added once, the reference) | blocks
     },
     "train": {
@@ -82,7 +91,9 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint": "best",  # best (best validation Dice) | last
         "overlap": 0.5,  # sliding-window overlap
         "sw_batch_size": 4,
-        "predictor": "auto",  # auto (the better one on validation) | student | teacher
+        # auto (the better one on validation) | first (the method's default: student, net1; chosen without validation
+        # cases) | a predictor's name (student, teacher, ...)
+        "predictor": "auto",
     },
     "diffusion": {
         "timesteps": 1000,
@@ -140,15 +151,27 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     return cfg
 
 
-def complete(stored: dict[str, Any], *, where: str) -> dict[str, Any]:
-    """A config stored by an earlier version, with keys added since then at their defaults.
+# Keys whose default changed: a stored config without them was made with these values.
+LEGACY_DEFAULTS: dict[str, Any] = {"model.arch": "double-conv"}
 
-    Why: a new key's default keeps the old behaviour, so runs made before it still resume, benchmark
-    folders still match, and their checkpoints still load.
+
+def complete(stored: dict[str, Any], *, where: str) -> dict[str, Any]:
+    """A config stored by an earlier version, with keys added since then at their defaults (or, where a new
+    key's default is not the old behaviour, at LEGACY_DEFAULTS).
+
+    Why: runs made before a key existed still resume, benchmark folders still match, and their checkpoints
+    still load.
     """
     if not isinstance(stored, dict):
         raise InputError(f"{where}: a config must be a mapping of keys to values")
     cfg = copy.deepcopy(DEFAULTS)
+    for dotted, value in LEGACY_DEFAULTS.items():
+        *parents, leaf = dotted.split(".")
+        node, here = cfg, stored
+        for p in parents:
+            node, here = node[p], here.get(p) if isinstance(here, dict) else None
+        if not isinstance(here, dict) or leaf not in here:
+            node[leaf] = value
     merge(cfg, stored, where=where)
     return cfg
 

@@ -110,7 +110,9 @@ def test_artefact_predicts_like_predict_without_superdiffusion(runs, tmp_path, c
     ("cps", 2, (30, 22), [16, 16], ["eval.overlap=0.25"], ["net1", "ensemble"]),
     ("superdiffusion", 2, (40, 40), [32, 32], ["superdiffusion.student=twin"], ["student"]),
     ("superdiffusion", 3, (20, 18, 12), [16, 16, 8], ["model.norm=instance", "eval.sw_batch_size=3",
-                                                    "model.time_embedding=blocks"], ["teacher"]),
+                                                    "model.time_embedding=blocks", "model.arch=double-conv"],
+     ["teacher"]),
+    ("supervised", 2, (30, 25, 8), [16, 16], ["data.size=[16, 16, null]"], ["student"]),
     ("mean-teacher", 2, (24, 20, 9), [16, 16], ["data.scale=[0.8, 1.3, 1.0]", "data.slice_axis=1"], ["teacher"]),
 ])
 def test_scripted_probabilities_equal_inference(method, dims, shape, patch, extra, predictors):

@@ -130,3 +130,48 @@ def test_evaluate_cases_scores_at_the_original_resolution():
     assert full[case.id]["dice"] == pytest.approx(1.0) and full[case.id]["hd95"] == pytest.approx(0.0)
     quick = evaluate_cases(Pointwise(), [case], data_cfg=data_cfg, dims=2, patch=[16, 16], full=False)
     assert quick == {case.id: {"dice": pytest.approx(1.0)}}
+
+
+def test_one_padding_rule_when_the_patch_is_larger_than_the_image():
+    """Training crops and inference pad alike (centred, with the prepared case's minimum): the network sees at
+    inference exactly the padded image it was trained on."""
+    from superdiffusion.data.pipeline import crop, pad_value
+
+    case = make_synthetic_case(3, dims=2, shape=(20, 18))
+    data_cfg = _data_cfg()
+    image = prepare_image(case.image, data_cfg)
+    seen = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return torch.cat([-x[:, :1], x[:, :1]], dim=1)
+
+    probs = predict_probabilities(record, case, data_cfg=data_cfg, dims=2, patch=[32, 32])
+    trained, _ = crop(image, None, (32, 32), np.random.default_rng(0))
+    assert len(seen) == 1 and seen[0].shape == (1, 1, 32, 32)
+    np.testing.assert_array_equal(seen[0][0].numpy(), trained)
+    assert np.isclose(trained.min(), pad_value(image)) and (trained == pad_value(image)).sum() > 32 * 32 - 20 * 18
+    assert probs.shape == (2, 20, 18)
+
+
+def test_whole_slices_of_a_fixed_size_run_in_one_pass_and_come_back_at_the_original_grid():
+    shape = (30, 26, 8)
+    case = make_synthetic_case(2, dims=3, shape=shape)
+    data_cfg = _data_cfg("data.size=[16, 16, null]")
+    assert prepare_image(case.image, data_cfg).shape == (1, 16, 16, 8)
+    fn = Pointwise()
+    probs = predict_probabilities(fn, case, data_cfg=data_cfg, dims=2, patch=[16, 16])
+    _check_probabilities(probs, 2, shape)
+    assert fn.shapes == [(8, 1, 16, 16)]  # every slice whole, in one batch, no windows
+
+
+@pytest.mark.parametrize("size,message", [([16, 16], "must list 3"), ([16, 0, None], "positive"),
+                                          ([16, "a", None], "positive")])
+def test_bad_data_size_is_one_line_naming_the_key(size, message):
+    from superdiffusion.errors import InputError
+
+    case = make_synthetic_case(2, dims=3, shape=(10, 10, 8))
+    with pytest.raises(InputError, match=f"data.size.*{message}"):
+        prepare_image(case.image, {**_data_cfg(), "size": size})
+    with pytest.raises(InputError, match="data.scale and data.size"):
+        prepare_image(case.image, {**_data_cfg(), "size": [8, 8, None], "scale": [0.5, 0.5, 1.0]})

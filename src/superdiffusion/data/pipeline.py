@@ -54,10 +54,30 @@ def scaled_shape(shape: tuple[int, ...], scale: list[float] | None) -> tuple[int
     return tuple(max(1, round(s * f)) for s, f in zip(shape, scale))
 
 
+def target_shape(shape: tuple[int, ...], data_cfg: dict) -> tuple[int, ...]:
+    """The spatial shape a case is resampled to: `data.size` (null entries keep an axis) or `data.scale`."""
+    size = data_cfg["size"]
+    if size is None:
+        return scaled_shape(shape, data_cfg["scale"])
+    if data_cfg["scale"] is not None:
+        raise InputError("data.scale and data.size: set one of them (a factor or a fixed size), not both")
+    if not isinstance(size, list) or len(size) != len(shape) or \
+            any(s is not None and (not isinstance(s, int) or isinstance(s, bool) or s < 1) for s in size):
+        raise InputError(f"data.size: {size!r} must list {len(shape)} positive sizes (null keeps an axis) for "
+                         f"{len(shape)}-D images")
+    return tuple(n if s is None else s for s, n in zip(size, shape))
+
+
 def prepare_image(image: np.ndarray, data_cfg: dict) -> np.ndarray:
     """Intensity normalisation and resampling: what the networks see, in training and inference."""
     image = normalize(image, data_cfg["intensity"])
-    return resize(image, scaled_shape(image.shape[1:], data_cfg["scale"])).numpy()
+    return resize(image, target_shape(image.shape[1:], data_cfg)).numpy()
+
+
+def pad_value(image: np.ndarray | torch.Tensor) -> float:
+    """The one padding rule of training crops, validation and prediction: the minimum of the whole prepared case
+    (what lies outside a scan is background), never a constant that is mid-grey after normalisation."""
+    return float(image.min())
 
 
 def prepare_case(case: Case, data_cfg: dict) -> Case:
@@ -154,6 +174,12 @@ class PatchSampler:
         self.seed, self.stream, self.photometric = seed, stream, photometric
         self.slicing = dims == 2 and cases[0].spatial_dims == 3
         self.foreground = [np.argwhere(c.label > 0) if c.label is not None else None for c in cases]
+        self.pad_values = [pad_value(c.image) for c in cases]
+        if self.slicing:  # slices stacked along the first axis, each contiguous: np.take along the last axis of a
+            # volume cost ~5 ms of a 70 ms step (16 slices)
+            self.image_slices = [np.ascontiguousarray(np.moveaxis(c.image, 1 + slice_axis, 0)) for c in cases]
+            self.label_slices = [np.ascontiguousarray(np.moveaxis(c.label, slice_axis, 0)) if c.label is not None
+                                 else None for c in cases]
 
     def batch(self, step: int, size: int, *, rank: int = 0) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.stream, step, rank])
@@ -174,10 +200,10 @@ class PatchSampler:
         if self.slicing:
             axis = self.slice_axis
             index = int(centre[axis]) if centre is not None else int(rng.integers(image.shape[1 + axis]))
-            image = np.take(image, index, axis=1 + axis)
-            label = np.take(label, index, axis=axis) if label is not None else None
+            image = self.image_slices[k][index]  # == np.take(image, index, axis=1 + axis)
+            label = self.label_slices[k][index] if label is not None else None
             centre = np.delete(centre, axis) if centre is not None else None
-        image, label = crop(image, label, self.patch, rng, centre)
+        image, label = crop(image, label, self.patch, rng, centre, fill=self.pad_values[k])
         if self.augment:
             image, label = augment(image, label, rng)
         return np.ascontiguousarray(image, dtype=np.float32), \
@@ -185,12 +211,13 @@ class PatchSampler:
 
 
 def crop(image: np.ndarray, label: np.ndarray | None, patch: tuple[int, ...], rng: np.random.Generator,
-         centre: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pad to at least `patch` (image with its minimum, label with 0), then crop at random or around `centre`."""
+         centre: np.ndarray | None = None, *, fill: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pad to at least `patch` (centred, as MONAI's sliding window pads; image with `fill`, by default its
+    `pad_value`, label with 0), then crop at random or around `centre`."""
     pads = [(0, 0)] + [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2)
                        for s, p in zip(image.shape[1:], patch)]
     if any(a or b for a, b in pads):
-        image = np.pad(image, pads, constant_values=float(image.min()))
+        image = np.pad(image, pads, constant_values=pad_value(image) if fill is None else fill)
         label = np.pad(label, pads[1:]) if label is not None else None
     starts = []
     for d, (size, p) in enumerate(zip(image.shape[1:], patch)):

@@ -23,6 +23,7 @@ from ..evaluation.inference import evaluate_cases
 from ..evaluation.metrics import summarize
 from ..methods import build_method, method_class
 from ..methods.base import Stage
+from ..nets.unet import ARCHS
 from . import distributed, host
 from .trainer import Trainer
 
@@ -39,7 +40,17 @@ def check_config(cfg: dict) -> None:
         raise InputError(f"data.num_classes: {d['num_classes']!r} must be an integer >= 2")
     if not isinstance(t["patch"], list) or len(t["patch"]) != d["dims"]:
         raise InputError(f"train.patch: {t['patch']!r} must list {d['dims']} sizes")
-    divisor = 2 ** (len(cfg["model"]["channels"]) - 1)
+    m = cfg["model"]
+    if m["arch"] not in ARCHS:
+        raise InputError(f"model.arch: unknown {m['arch']!r} ({', '.join(ARCHS)})")
+    if m["arch"] == "monai" and m["time_embedding"] != "stem":
+        raise InputError(f"model.time_embedding: {m['time_embedding']!r} needs model.arch double-conv (monai: stem)")
+    rates = m["dropout"] if isinstance(m["dropout"], list) else [m["dropout"]]
+    if any(isinstance(r, bool) or not isinstance(r, int | float) or not 0 <= r < 1 for r in rates) or \
+            (isinstance(m["dropout"], list) and len(rates) != len(m["channels"])):
+        raise InputError(f"model.dropout: {m['dropout']!r} must be a number in [0, 1), or one per level "
+                         f"({len(m['channels'])})")
+    divisor = 2 ** (len(m["channels"]) - 1)
     if any(not isinstance(p, int) or p <= 0 or p % divisor for p in t["patch"]):
         raise InputError(f"train.patch: {t['patch']} sizes must be positive multiples of {divisor} "
                          f"for a {len(cfg['model']['channels'])}-level U-Net")
@@ -176,6 +187,8 @@ def final_evaluation(method, cfg: dict, data: DataBundle, run_dir: Path) -> dict
 def choose_predictor(method, cfg: dict, val_dice: dict[str, float]) -> str:
     names = list(method.predictors())
     wanted = cfg["eval"]["predictor"]
+    if wanted == "first":  # the method's own default: no choice made on validation cases
+        return names[0]
     if wanted != "auto":
         if wanted not in names:
             raise InputError(f"eval.predictor: {wanted!r} not offered by {cfg['method']} ({', '.join(names)})")

@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_checkpoint, previous_path, rng_state, save_checkpoint, set_rng_state
 from ..data.perturb import PhotometricView
 from ..data.pipeline import DataBundle, PatchSampler
+from ..device import resolve_device
 from ..errors import InputError
-from ..evaluation.inference import evaluate_cases, resolve_device
+from ..evaluation.inference import evaluate_cases
 from ..methods.base import Method
-from ..nets.unet import UNet
+from ..nets.unet import NETS
 from . import distributed
 
 
@@ -81,7 +82,7 @@ class Trainer:
             method.to(memory_format=self.memory_format)
         if tc["compile"]:
             for module in method.modules():
-                if isinstance(module, UNet):
+                if isinstance(module, NETS):
                     module.compile()
         self.optimizers = {k: build_optimizer(p, tc, lr) for k, p in method.optimizer_groups().items()}
         self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(
@@ -203,6 +204,7 @@ class Trainer:
 
     def run_validation(self, writer, log) -> bool:
         """Validation Dice of each predictor; keeps best.pt by the best of them. True if it improved."""
+        t0 = time.perf_counter()
         self.method.eval()
         ec = self.cfg["eval"]
         scores = {}
@@ -223,7 +225,8 @@ class Trainer:
             return improved
         for name, v in scores.items():
             writer.add_scalar(f"val/dice_{name}", v, self.step)
-        log.write(json.dumps({"step": self.step, **{f"val_dice_{k}": v for k, v in scores.items()}}) + "\n")
+        log.write(json.dumps({"step": self.step, **{f"val_dice_{k}": v for k, v in scores.items()},
+                              "val_s": round(time.perf_counter() - t0, 3)}) + "\n")
         return improved
 
 

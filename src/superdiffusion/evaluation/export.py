@@ -45,7 +45,7 @@ from ..errors import InputError
 from ..methods.base import Method
 from ..methods.baselines import CPS
 from ..methods.superdiffusion import CoTrain, DiffusionTeacher
-from ..nets.unet import UNet
+from ..nets.unet import NETS, SegNet, UNet
 from .predict import load_run
 
 ARTEFACT_FORMAT = "superdiffusion-torchscript-v1"
@@ -107,12 +107,17 @@ class ScriptUNet(nn.Module):
         return self.head(h)
 
 
+def scriptable(net: SegNet) -> nn.Module:
+    """A network TorchScript can compile: MonaiUNet as it is, the double-conv UNet through ScriptUNet."""
+    return ScriptUNet(net) if isinstance(net, UNet) else net
+
+
 class PlainLogits(nn.Module):
     """A segmentation U-Net: image batch -> logits."""
 
-    def __init__(self, net: UNet):
+    def __init__(self, net: SegNet):
         super().__init__()
-        self.net = ScriptUNet(net)
+        self.net = scriptable(net)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x, x.new_zeros(0, dtype=torch.long))
@@ -121,7 +126,7 @@ class PlainLogits(nn.Module):
 class EnsembleLogits(nn.Module):
     """CPS.ensemble: log of the mean of both networks' probabilities."""
 
-    def __init__(self, net1: UNet, net2: UNet):
+    def __init__(self, net1: SegNet, net2: SegNet):
         super().__init__()
         self.net1, self.net2 = PlainLogits(net1), PlainLogits(net2)
 
@@ -134,10 +139,10 @@ class FixedNoiseLogits(nn.Module):
     """DiffusionTeacher.predict_fixed (and CoTrain._twin_fixed): one x0 pass from the noised null mask at
     t_infer, with the noise a generator seeded with noise_seed draws for a call of n windows baked in."""
 
-    def __init__(self, net: UNet, teacher: DiffusionTeacher, *, t: int, noise_seed: int, roi: list[int],
+    def __init__(self, net: SegNet, teacher: DiffusionTeacher, *, t: int, noise_seed: int, roi: list[int],
                  max_batch: int):
         super().__init__()
-        self.net, self.t, self.num_classes = ScriptUNet(net), int(t), int(teacher.num_classes)
+        self.net, self.t, self.num_classes = scriptable(net), int(t), int(teacher.num_classes)
         self.register_buffer("sqrt_abar", teacher.diffusion.sqrt_alphas_cumprod.detach().clone())
         self.register_buffer("sqrt_one_minus_abar", teacher.diffusion.sqrt_one_minus_alphas_cumprod.detach().clone())
         noise, offsets = fixed_noise(noise_seed, (self.num_classes, *roi), max_batch)
@@ -221,16 +226,19 @@ class Segmenter(nn.Module):
     """Raw image (C, *spatial) -> int64 label map; `probabilities` -> (K, *spatial) float32."""
 
     scale: list[float]
+    size: list[int]
     roi: list[int]
 
     def __init__(self, logits: nn.Module, *, net_dims: int, intensity: str, scale: list[float] | None,
-                 slice_axis: int, patch: list[int], overlap: float, sw_batch_size: int):
+                 slice_axis: int, patch: list[int], overlap: float, sw_batch_size: int,
+                 size: list[int | None] | None = None):
         super().__init__()
         if intensity not in ("percentile", "zscore"):
             raise InputError(f"data.intensity: unknown mode {intensity!r} (percentile, zscore)")
         self.logits = logits
         self.net_dims, self.intensity, self.slice_axis = int(net_dims), intensity, int(slice_axis)
         self.scale: list[float] = [float(s) for s in scale] if scale is not None else []
+        self.size: list[int] = [int(s or 0) for s in size] if size is not None else []  # 0 keeps an axis
         self.roi: list[int] = [int(p) for p in patch]
         self.overlap, self.sw_batch_size = float(overlap), int(sw_batch_size)
         importance = compute_importance_map(tuple(self.roi), mode="gaussian", sigma_scale=0.125, device="cpu",
@@ -248,16 +256,22 @@ class Segmenter(nn.Module):
             x = image if image.dtype == torch.float32 else image.float()
             spatial = x.shape[1:]
             x = _resize(self.normalize(x), self.scaled(spatial))
+            fill = float(x.min())  # data.pipeline.pad_value
             if self.net_dims == 2 and x.dim() == 4:  # slices of a volume become the batch
                 axis = 1 + self.slice_axis
                 slices = x.movedim(axis, 0)
-                probs = torch.cat([self.sliding(chunk) for chunk in slices.split(max(self.sw_batch_size, 16))])
+                probs = torch.cat([self.sliding(chunk, fill) for chunk in slices.split(max(self.sw_batch_size, 16))])
                 probs = probs.movedim(0, axis)
             else:
-                probs = self.sliding(x[None])[0]
+                probs = self.sliding(x[None], fill)[0]
             return _resize(probs, spatial)
 
     def scaled(self, shape: list[int]) -> list[int]:
+        """data.pipeline.target_shape."""
+        if len(self.size) > 0:
+            if len(self.size) != len(shape):
+                raise RuntimeError("data.size has a different number of sizes than the image has axes")
+            return [n if s == 0 else s for s, n in zip(self.size, shape)]
         if len(self.scale) == 0:
             return shape
         if len(self.scale) != len(shape):
@@ -278,9 +292,12 @@ class Segmenter(nn.Module):
                 out[c] = (ch - mean) / max(std, 1e-6)
         return out
 
-    def sliding(self, inputs: Tensor) -> Tensor:
-        """monai.inferers.sliding_window_inference(mode="gaussian") then softmax over classes."""
+    def sliding(self, inputs: Tensor, fill: float) -> Tensor:
+        """monai.inferers.sliding_window_inference(mode="gaussian", cval=fill) then softmax over classes; whole
+        images of the network's size in one pass (evaluation.inference)."""
         nsd, roi = inputs.dim() - 2, self.roi
+        if inputs.shape[2:] == roi:
+            return torch.softmax(self.logits(inputs), dim=1)
         original = inputs.shape[2:]
         pad: list[int] = []
         for k in range(inputs.dim() - 1, 1, -1):
@@ -288,7 +305,7 @@ class Segmenter(nn.Module):
             pad += [diff // 2, diff - diff // 2]
         padded = sum(pad) > 0
         if padded:
-            inputs = F.pad(inputs, pad, mode="constant", value=0.0)
+            inputs = F.pad(inputs, pad, mode="constant", value=fill)
         size = inputs.shape[2:]
         corners = _window_starts(size, roi, self.overlap)
         num_win, batch = len(corners), inputs.shape[0]
@@ -338,7 +355,7 @@ def logits_module(method: Method, name: str, cfg: dict) -> nn.Module:
     """The scriptable twin of `method.predictors()[name]`; InputError for what cannot be exported exactly."""
     fn = method.predictors()[name]
     dc, roi, sw = cfg["diffusion"], [int(p) for p in cfg["train"]["patch"]], int(cfg["eval"]["sw_batch_size"])
-    if isinstance(fn, UNet) and fn.time_mlp is None:
+    if isinstance(fn, NETS) and fn.time_mlp is None:
         return PlainLogits(fn)
     if isinstance(method, CPS) and getattr(fn, "__func__", None) is CPS.ensemble:
         return EnsembleLogits(method.net1, method.net2)
@@ -358,7 +375,7 @@ def build_segmenter(method: Method, name: str, cfg: dict) -> Segmenter:
     d, ec = cfg["data"], cfg["eval"]
     method.eval()
     seg = Segmenter(logits_module(method, name, cfg), net_dims=d["dims"], intensity=d["intensity"], scale=d["scale"],
-                    slice_axis=d["slice_axis"], patch=cfg["train"]["patch"], overlap=ec["overlap"],
+                    size=d["size"], slice_axis=d["slice_axis"], patch=cfg["train"]["patch"], overlap=ec["overlap"],
                     sw_batch_size=ec["sw_batch_size"])
     return seg.eval()
 
@@ -385,6 +402,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None =
             "input": "raw image tensor (C, *spatial), any real dtype (cast to float32)",
             "output": "int64 label map (*spatial); .probabilities(image) gives (K, *spatial)",
             "intensity": cfg["data"]["intensity"], "scale": cfg["data"]["scale"],
+            "size": cfg["data"]["size"],
             "slice_axis": cfg["data"]["slice_axis"], "patch": cfg["train"]["patch"],
             "overlap": cfg["eval"]["overlap"], "sw_batch_size": cfg["eval"]["sw_batch_size"],
             "torch": torch.__version__}

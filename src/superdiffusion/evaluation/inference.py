@@ -13,7 +13,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ..data.case import Case
-from ..data.pipeline import prepare_image, resize
+from ..data.pipeline import pad_value, prepare_image, resize
 from .metrics import case_metrics
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -27,11 +27,14 @@ def probabilities_tensor(logits_fn: LogitsFn, case: Case, *, data_cfg: dict, dim
     windows ran: a GPU then also resamples (and thresholds) the volume instead of the host."""
     image = torch.from_numpy(prepare_image(case.image, data_cfg))
     roi = tuple(int(p) for p in patch)
+    fill = pad_value(image)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        # windows are stitched where they run (no copy per window)
+        if tuple(batch.shape[2:]) == roi:  # whole images (slices) the size the network trained on: one pass
+            return torch.softmax(logits_fn(batch.to(device)), dim=1)
+        # windows are stitched where they run (no copy per window); padding as training crops pad
         logits = sliding_window_inference(batch, roi, sw_batch_size, logits_fn, overlap=overlap, mode="gaussian",
-                                          sw_device=device, device=device)
+                                          sw_device=device, device=device, cval=fill)
         return torch.softmax(logits, dim=1)
 
     if dims == 2 and image.ndim == 4:  # a 3D case through a 2D network: slices become the batch
@@ -53,14 +56,8 @@ def predict_probabilities(logits_fn: LogitsFn, case: Case, **options) -> np.ndar
 def predict_labels(logits_fn: LogitsFn, case: Case, **options) -> np.ndarray:
     """Label map of a raw case at its original resolution: `segment` done where the windows ran, so that only
     the labels travel back (validation on a GPU is otherwise bound by the host's resampling)."""
-    return probabilities_tensor(logits_fn, case, **options).argmax(0).cpu().numpy()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    # max().indices: the first maximum, as argmax, but 20x faster than argmax over the leading axis on CPU
+    return probabilities_tensor(logits_fn, case, **options).max(0).indices.cpu().numpy()
 
 
 def segment(probabilities: np.ndarray) -> np.ndarray:

@@ -12,10 +12,11 @@ import torch
 
 from ..checkpoint import config_of, load_checkpoint
 from ..data.case import Case
+from ..device import resolve_device
 from ..errors import InputError
 from ..methods import build_method
 from ..methods.base import Method
-from .inference import predict_probabilities, resolve_device
+from .inference import predict_probabilities
 
 
 @dataclass
@@ -43,6 +44,39 @@ class LoadedRun:
         probs = np.stack([self.probabilities(case, fn=self.teacher("fixed", noise_seed=seed + i))
                           for i in range(samples)])
         return probs.mean(0), probs.std(0)[1:].max(0)
+
+    def predict(self, image: np.ndarray | str | Path, *, spacing: tuple[float, ...] | None = None,
+                probabilities: bool = False) -> np.ndarray:
+        """Label map (int64, the image's spatial shape) of an image, or its class probabilities (K, *spatial).
+
+        image: an array, channels first (C, *spatial) or, for a one-channel model, (*spatial); or an image
+        file in any format `predict` reads (NIfTI, NRRD, LA's .h5, PNG, ...), its first channel axis as stored.
+        """
+        case = self.case_of(image, spacing)
+        probs = self.probabilities(case)
+        return probs if probabilities else probs.argmax(0).astype(np.int64)
+
+    def case_of(self, image: np.ndarray | str | Path, spacing: tuple[float, ...] | None = None) -> Case:
+        """A Case for `predict`: a file read as the CLI reads it, or an array given a channel axis if it lacks one."""
+        if isinstance(image, str | Path):
+            from ..data.pipeline import ref_for_file
+            from ..data.readers import load_case
+
+            case = load_case(ref_for_file(image), with_label=False, num_classes=self.cfg["data"]["num_classes"])
+        else:
+            array = np.asarray(image, dtype=np.float32)
+            if array.ndim == 2 or (array.ndim == 3 and array.shape[0] != self.method.in_channels):
+                array = array[None]  # (*spatial): one channel
+            case = Case("array", array, None, tuple(spacing or (1.0,) * (array.ndim - 1)), "array")
+        return self.check_fits(case)
+
+    def check_fits(self, case: Case) -> Case:
+        """The case itself, or a one-line error naming it when its channels or dimensions do not fit the model."""
+        channels, dims = self.method.in_channels, self.cfg["data"]["dims"]
+        if case.image.shape[0] != channels or case.spatial_dims not in (2, 3) or (dims == 3 and case.spatial_dims != 3):
+            raise InputError(f"{case.source}: image of shape {tuple(case.image.shape)} (channels first) does not fit "
+                             f"this model ({channels} channel(s), {dims}D network)")
+        return case
 
     def probabilities(self, case: Case, predictor: str | None = None, fn: Callable | None = None) -> np.ndarray:
         """Class probabilities at the case's resolution, by a named predictor or a given logits function."""
