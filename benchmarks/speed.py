@@ -3,7 +3,9 @@
     python benchmarks/speed.py --profile quick --json speed.json
 """
 
-from superdiffusion.bench.speed import main
+import sys
+
+from superdiffusion.cli.main import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["bench-speed", *sys.argv[1:]]))

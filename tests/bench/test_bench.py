@@ -17,7 +17,7 @@ from superdiffusion.data.synthetic import write_synthetic_dataset
 
 FAST = ["--set", "train.threads=1", "--no-progress"]
 COLUMNS = ["method", "fraction", "seed", "case", "predictor", "chosen", "eval_set", "labelled_cases", "dice",
-           "jaccard", "hd95", "asd", "run"]
+           "jaccard", "hd95", "asd", "wall_s", "run"]
 
 
 def bench(out: Path, *args: str) -> int:
@@ -71,9 +71,12 @@ def test_outputs(main_bench):
                    "10 cycle pre-training steps", "Checkpoint rule: best validation Dice", "Threshold: argmax",
                    "Wilcoxon", "| supervised | 0.25 | 8 |", "± ", "(--set): `train.threads=1`"):
         assert needle in text, needle
-    for name in ("dice_vs_fraction.png", "qualitative.png"):
+    for name in ("dice_vs_fraction.png", "val_curves.png", "qualitative.png"):
         assert_png(out / name)
     assert len(list((out / "runs").glob("*/frac0.25/seed*/DONE"))) == 4
+    for r in rows:  # each run's wall time, as its results.json records it
+        assert float(r["wall_s"]) == json.loads((out / r["run"] / "results.json").read_text())["wall_time_s"] > 0
+    assert "## Wall time" in text and "| superdiffusion | 2 |" in text
 
 
 def test_rerun_skips_finished_runs(main_bench, count_training):
@@ -102,8 +105,11 @@ def test_parallel_jobs_match_serial_runs(main_bench, tmp_path):
     """--jobs 2 trains the runs in two spawned processes and gives the serial bench's numbers."""
     out = tmp_path / "parallel"
     assert bench(out, "--methods", "supervised", "--fractions", "0.25", "--seeds", "0,1", "--jobs", "2") == 0
+    def numbers(rows: list[dict]) -> list[dict]:  # every column but the wall time, which differs run to run
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
     serial = [r for r in read_rows(main_bench) if r["method"] == "supervised"]
-    assert read_rows(out) == serial and len(serial) == 8
+    assert numbers(read_rows(out)) == numbers(serial) and len(serial) == 8
 
 
 def test_parallel_jobs_start_the_dearest_runs_first(tmp_path):
@@ -185,7 +191,7 @@ def test_unreadable_test_case_fails_before_training(tmp_path, monkeypatch, capsy
 
 def test_shipped_protocols_plan(tmp_path):
     """Every shipped protocol, method and ablation variant gives a valid run config (no data touched)."""
-    assert {"synthetic", "la2d-cpu", "la3d-cpu", "la3d-full"} <= set(shipped_protocols())
+    assert {"synthetic", "la2d", "la3d-cpu", "la3d-full"} <= set(shipped_protocols())
     for name in shipped_protocols():
         p = load_protocol(name)
         specs = runner.plan(p, list(p.bench["methods"]), list(p.ablations.values()), [0.1, 0.2], [0], tmp_path,
@@ -210,4 +216,4 @@ def test_help_mentions_every_option(capsys):
 def test_output_folder_layout(main_bench):
     """The output folder holds the tables, the figures and the run folders, nothing else."""
     names = {p.name for p in main_bench.iterdir()}
-    assert names == {"results.csv", "summary.md", "dice_vs_fraction.png", "qualitative.png", "runs"}
+    assert names == {"results.csv", "summary.md", "dice_vs_fraction.png", "val_curves.png", "qualitative.png", "runs"}

@@ -41,6 +41,12 @@ def test_every_row_is_measured_and_printed(result):
         assert text.count(name) >= 2, name
     assert "co-training step R=3 16x16, batch 2+1:" in text and "target <= 3.8 s" in text and "1.6 GiB" in text
     assert "no verdict" in text  # tiny sizes are not the reference protocol
+    # the package's supervised step beside a plain MONAI UNet (0.66 M parameters), 96x96 batch 16, same process
+    plain = {r["row"]: r for r in result["plain_unet"]}
+    assert list(plain) == ["supervised (la2d-superdiffusion)", "plain MONAI UNet"]
+    assert all("error" not in r and r["rate"] > 0 and len(r["runs"]) >= 5 for r in plain.values())
+    assert plain["plain MONAI UNet"]["params"] == 660282
+    assert "96x96, batch 16" in text and text.count("plain MONAI UNet") == 1
     json.dumps(result)  # --json writes it as is
 
 

@@ -1,4 +1,5 @@
-"""Figures: Dice vs labelled fraction, one bar chart per ablation, and the qualitative figure (paper fig. 3).
+"""Figures: Dice vs labelled fraction, validation curves (is the budget long enough?), one bar chart per ablation,
+and the qualitative figure (paper fig. 3).
 
 Matplotlib's object API with the Agg canvas: no pyplot state, no display needed.
 """
@@ -6,6 +7,7 @@ Matplotlib's object API with the Agg canvas: no pyplot state, no display needed.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..data.case import Case
+from ..data.pipeline import load_cases
 from ..errors import InputError
 from ..evaluation.inference import predict_probabilities, segment
 from ..evaluation.predict import load_run
@@ -37,7 +40,51 @@ def write_figures(bench, rows: list[dict]) -> None:
             else bench.labels(a)
         ablation_bars(seed_stats(picked, key), keys, bench.fractions, bench.out / f"ablation_{a.name}.png",
                       f"{bench.protocol.name}, ablation {a.name}: {what}")
+    validation_curves(bench, bench.out / "val_curves.png")
     qualitative(bench)
+
+
+def read_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, best validation Dice over the run's predictors) from log.jsonl; [] without periodic validation."""
+    path = run_dir / "log.jsonl"
+    points = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        scores = [v for k, v in entry.items() if k.startswith("val_dice_")]
+        if scores:
+            points.append((int(entry["step"]), max(scores)))
+    return points
+
+
+def validation_curves(bench, path: Path) -> Path | None:
+    """Validation Dice against the step, one line per finished run (colour = method and fraction): where the
+    curves flatten, the budget is long enough; validation monitors, the reported checkpoint is the protocol's."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    colours: dict[str, str] = {}
+    cycle = iter([f"C{i % 10}" for i in range(1000)])
+    for spec in bench.runs():
+        curve = read_curve(spec.run_dir) if (spec.run_dir / "DONE").is_file() else []
+        if not curve:
+            continue
+        frac = "all" if spec.run_dir.parent.name == "fracall" else f"{spec.fraction:g}"
+        name = f"{spec.label}, {frac}"
+        first = name not in colours
+        colour = colours.setdefault(name, next(cycle))
+        x, y = zip(*curve)
+        ax.plot(x, y, marker="o", ms=3, color=colour, alpha=0.8, label=name if first else None)
+    if not colours:
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation Dice (monitoring only)")
+    ax.set_title(f"{bench.protocol.name}: validation Dice during training, one line per run and seed", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
 
 
 def dice_vs_fraction(stats: dict, keys: list[str], fractions: list, path: Path, title: str) -> None:
@@ -85,22 +132,32 @@ def _slice_case(case: Case, cfg: dict) -> tuple[Case, dict, int]:
     axis = d["slice_axis"]
     k = _best_slice(case.label, axis)
     scale = None if d["scale"] is None else [s for a, s in enumerate(d["scale"]) if a != axis]
+    size = None if d["size"] is None else [s for a, s in enumerate(d["size"]) if a != axis]
     spacing = tuple(s for a, s in enumerate(case.spacing) if a != axis)
     sliced = Case(case.id, np.take(case.image, k, axis=1 + axis), np.take(case.label, k, axis=axis), spacing,
                   case.source, case.meta)
-    return sliced, {**copy.deepcopy(d), "scale": scale}, 2
+    return sliced, {**copy.deepcopy(d), "scale": scale, "size": size}, 2
 
 
 def _best_slice(volume_label: np.ndarray, axis: int) -> int:
     return int(np.argmax((volume_label > 0).sum(axis=tuple(a for a in range(3) if a != axis))))
 
 
+def qualitative_cases(bench, spec, n: int) -> list[Case]:
+    """A few validation cases of the run (test cases when it has no validation split)."""
+    results = json.loads((spec.run_dir / "results.json").read_text())
+    ids = results["split"]["val"][:n]
+    if ids:
+        return load_cases(spec.cfg["data"], ids)
+    if bench.test is not None:
+        return load_cases(bench.test.data_cfg, bench.test.ids[:n])
+    return []
+
+
 def qualitative(bench, n_cases: int | None = None) -> Path | None:
     """Image, teacher pseudo-label, student prediction, ground truth and teacher uncertainty (ensemble std)
     for a few validation cases of the first finished SuperDiffusion run that still has its checkpoints (first
     fraction, first seed, unless its checkpoints were left behind, as when runs are copied back from a GPU)."""
-    from .runner import qualitative_cases
-
     path = bench.out / "qualitative.png"
     for spec in bench.specs:
         if spec.method == REFERENCE and (spec.run_dir / "DONE").is_file():

@@ -68,7 +68,7 @@ def shipped_protocols() -> list[str]:
 
 
 def resolve_protocol(name: str | Path) -> Path:
-    """A shipped protocol's name (la2d-cpu, ...) or a protocol YAML file."""
+    """A shipped protocol's name (la2d, ...) or a protocol YAML file."""
     if str(name) in shipped_protocols():
         return PROTOCOLS / f"{name}.yaml"
     if Path(name).is_file():

@@ -21,8 +21,9 @@ from ..methods import method_class
 from .protocols import REFERENCE, Ablation, folder_name
 
 COLUMNS = ("method", "fraction", "seed", "case", "predictor", "chosen", "eval_set", "labelled_cases", *METRICS,
-           "run")
-FIGURES = ("dice_vs_fraction.png", "qualitative.png")
+           "wall_s", "run")
+BASELINE = "supervised"  # the lower bound every method is also compared with
+FIGURES = ("dice_vs_fraction.png", "val_curves.png", "qualitative.png")
 
 
 def write_results(bench, rows: list[dict]) -> None:
@@ -105,21 +106,62 @@ def metric_table(stats: dict, keys: list[str], fractions: list) -> list[str]:
     return lines
 
 
-def paired_table(rows: list[dict], labels: list[str], fractions: list) -> list[str]:
-    if not any(r["method"] == REFERENCE for r in rows):
-        return [f"No {REFERENCE} runs in this benchmark: no paired statistics."]
-    others = [x for x in labels if x != REFERENCE]
+def paired_table(rows: list[dict], labels: list[str], fractions: list, reference: str = REFERENCE) -> list[str]:
+    if not any(r["method"] == reference for r in rows):
+        return [f"No {reference} runs in this benchmark: no paired statistics against it."]
+    others = [x for x in labels if x != reference]
     if not others:
-        return [f"Only {REFERENCE} was run: nothing to compare (Wilcoxon signed-rank: n/a)."]
-    lines = [f"Wilcoxon signed-rank test of the per-case Dice differences (method − {REFERENCE}), on the same "
+        return [f"Only {reference} was run: nothing to compare (Wilcoxon signed-rank: n/a)."]
+    lines = [f"Wilcoxon signed-rank test of the per-case Dice differences (method − {reference}), on the same "
              "evaluation cases, pairs matched by case id and seed and pooled over seeds (scipy.stats.wilcoxon, "
              "two-sided, zero differences dropped).", "",
-             f"| method | labelled fraction | pairs (n) | mean ΔDice vs {REFERENCE} | Wilcoxon p |",
+             f"| method | labelled fraction | pairs (n) | mean ΔDice vs {reference} | Wilcoxon p |",
              "|---|---|---|---|---|"]
     for f in fractions:
         for label in others:
-            n, mean, p = paired(rows, label, f)
+            n, mean, p = paired(rows, label, f, reference)
             lines.append(f"| {label} | {f:g} | {n} | {mean:+.4f} | {p} |" if n else f"| {label} | {f:g} | 0 | | {p} |")
+    return lines
+
+
+def validation_seconds(run_dir: Path) -> float:
+    """Seconds of periodic validation in a run's log.jsonl (`val_s`; older logs: the step time jumps there)."""
+    path = run_dir / "log.jsonl"
+    total, last_time, pending = 0.0, None, False
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "val_s" in entry:
+            total += float(entry["val_s"])
+        elif any(k.startswith("val_dice_") for k in entry):
+            pending = True  # older log: the next step's time includes this validation
+        elif "time" in entry:
+            if pending and last_time is not None:
+                gap = float(entry["time"]) - last_time
+                total += gap
+            pending, last_time = False, float(entry["time"])
+    return total
+
+
+def wall_table(bench, results: dict[Path, dict]) -> list[str]:
+    """Wall time per run (training, validation and final evaluation; every stage of a pipeline) and the share
+    of it that periodic validation took."""
+    per: dict = defaultdict(list)
+    for spec in bench.runs():
+        r = results.get(spec.run_dir)
+        if r is not None and "wall_time_s" in r:
+            per[spec.label].append((float(r["wall_time_s"]), validation_seconds(spec.run_dir)))
+    if not per:
+        return ["No finished run yet."]
+    lines = ["| method | runs | wall time per run, s (mean) | min | max | periodic validation, % of wall time |",
+             "|---|---|---|---|---|---|"]
+    for label, pairs in per.items():
+        times = [t for t, _ in pairs]
+        share = 100 * sum(v for _, v in pairs) / max(sum(times), 1e-9)
+        lines.append(f"| {label} | {len(times)} | {np.mean(times):.0f} | {min(times):.0f} | {max(times):.0f} | "
+                     f"{share:.1f} |")
     return lines
 
 
@@ -153,16 +195,19 @@ def evaluation_text(bench, results: dict[Path, dict]) -> list[str]:
     data = cfg["data"]
     train = f"`{data['root']}`" + (f" (list `{data['list']}`)" if data["list"] else "") \
         if data["format"] != "synthetic" else f"built-in synthetic data ({data['synthetic']})"
-    lines = [f"- Training cases: {train}, format {data['format']}, dims {data['dims']}, scale {data['scale']}."]
+    lines = [f"- Training cases: {train}, format {data['format']}, dims {data['dims']}, "
+             + (f"size {data['size']}." if data["size"] else f"scale {data['scale']}.")]
     if bench.test is not None:
         t = bench.test
         lines.append(f"- **Evaluation set: the separate test set** `{t.root}`"
                      + (f" (list `{t.list}`)" if t.list else "") + f": {len(t.ids)} cases. Training used "
                      f"{carve}, for checkpoint and predictor choice only.")
     else:
+        chose = "the predictor" if all(s.cfg["eval"]["checkpoint"] == "last" for s in bench.specs) \
+            else "the checkpoint and the predictor"
         lines.append(f"- **Evaluation set: {carve}.** No separate test set was given (--test-data), so these are "
-                     "validation numbers, and the same cases chose the checkpoint and the predictor: "
-                     "optimistic compared with a withheld test set.")
+                     f"validation numbers, and the same cases chose {chose}: optimistic compared with a withheld "
+                     "test set.")
     sizes = _distinct(f"fraction {s.fraction:g}: {len(r['split']['labelled'])} labelled / "
                       f"{len(r['split']['unlabelled'])} unlabelled / {len(r['split']['val'])} validation"
                       for s in bench.runs() if (r := results.get(s.run_dir)) and s.label in bench.methods
@@ -204,6 +249,9 @@ def summary(bench, rows: list[dict]) -> str:
     variants = [label for a in bench.ablations for label in bench.labels(a)]
     lines += ["", "## Main results", "", *metric_table(seed_stats(rows_main, key), bench.methods, bench.fractions),
               "", "## Paired statistics", "", *paired_table(rows, bench.methods + variants, bench.fractions)]
+    if BASELINE in bench.methods and any(m not in (BASELINE, REFERENCE) for m in bench.methods + variants):
+        lines += ["", *paired_table(rows, bench.methods + variants, bench.fractions, BASELINE)]
+    lines += ["", "## Wall time", "", *wall_table(bench, results)]
     for a in bench.ablations:
         picked, key = table_rows(rows, bench.labels(a), a)
         keys = [f"{label} ({pr})" for label in bench.labels(a) for pr in a.predictors] if a.predictors \

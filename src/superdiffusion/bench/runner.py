@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from ..config import merge, read_stored_config
-from ..data.case import Case
 from ..data.pipeline import case_ids, load_cases
 from ..data.splits import make_split
 from ..engine.run import DONE, check_config, config_changes, train_run
@@ -390,16 +389,6 @@ def collect_rows(bench: Bench) -> list[dict]:
                              "predictor": p, "chosen": int(p == chosen), "eval_set": eval_set,
                              "labelled_cases": results["labelled_cases"],
                              **{k: float(m[k]) for k in METRICS},
+                             "wall_s": results.get("wall_time_s", ""),
                              "run": spec.run_dir.relative_to(bench.out).as_posix()})
     return rows
-
-
-def qualitative_cases(bench: Bench, spec: RunSpec, n: int) -> list[Case]:
-    """A few validation cases of the run (test cases when it has no validation split)."""
-    results = json.loads((spec.run_dir / "results.json").read_text())
-    ids = results["split"]["val"][:n]
-    if ids:
-        return load_cases(spec.cfg["data"], ids)
-    if bench.test is not None:
-        return load_cases(bench.test.data_cfg, bench.test.ids[:n])
-    return []

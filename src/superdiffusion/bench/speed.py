@@ -137,10 +137,10 @@ def _config(spec: dict, method: str, extra: Sequence[str] = ()) -> dict:
 
 def _prepare(method: torch.nn.Module, variant: dict, dims: int) -> None:
     """Apply the opt-in switches to every U-Net of a method (in place, so isinstance checks still hold)."""
-    from ..nets.unet import UNet
+    from ..nets.unet import NETS
 
     fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
-    for net in [m for m in method.modules() if isinstance(m, UNet)]:
+    for net in [m for m in method.modules() if isinstance(m, NETS)]:
         if variant.get("channels_last"):
             net.to(memory_format=fmt)
         if variant.get("compile"):
@@ -256,6 +256,56 @@ def infer_rows(spec: dict) -> list[dict]:
     return rows
 
 
+def plain_unet_rows(spec: dict) -> list[dict]:
+    """Supervised training at 96x96, batch 16: this package's supervised step (the 2D config's network, loss and
+    optimiser) beside a plain MONAI UNet 16-256 (strides 2, no residual units; Adam, Dice + CE), timed in the same
+    process, so that the package's speed is judged against the library's on the same cores and load."""
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet as MonaiUNet
+
+    from ..engine.trainer import build_optimizer
+    from ..methods import build_method
+
+    device, variant = torch.device(spec["device"]), spec["variant"]
+    shape, batch_size = PLAIN_SHAPE, PLAIN_BATCH
+    cfg = load_config(spec["config"], [*spec["overrides"], "method=supervised", f"train.patch={list(shape)}",
+                                       f"train.batch_size={batch_size}"])
+    torch.manual_seed(0)
+    ours = build_method(cfg, in_channels=1).to(device).train()
+    _prepare(ours, variant, 2)
+    plain = MonaiUNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
+                      strides=(2, 2, 2, 2), num_res_units=0).to(device).train()
+    if variant.get("channels_last"):
+        plain.to(memory_format=torch.channels_last)
+    plain_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    image = _images(batch_size, shape, variant, device, 1)
+    label = torch.randint(0, 2, (batch_size, *shape), generator=torch.Generator().manual_seed(2)).to(device)
+    opt_ours = build_optimizer(ours.parameters(), cfg["train"])
+    opt_plain = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+
+    def step_ours() -> None:
+        opt_ours.zero_grad(set_to_none=True)
+        loss, _ = ours.training_step({"image": image, "label": label}, step=0, total_steps=1000, generator=generator)
+        loss.backward()
+        opt_ours.step()
+
+    def step_plain() -> None:
+        opt_plain.zero_grad(set_to_none=True)
+        plain_loss(plain(image), label[:, None]).backward()
+        opt_plain.step()
+
+    rows = []
+    for name, fn, net in ((f"supervised ({spec['config']})", step_ours, ours), ("plain MONAI UNet", step_plain, plain)):
+        out = _timed(fn, warmup=max(spec["warmup"], 2), repeats=max(spec["repeats"], 5), device=device)
+        rows.append({"row": name, "params": sum(p.numel() for p in net.parameters()), **out,
+                     "rate": batch_size / out["seconds"]})
+    return rows
+
+
+PLAIN_SHAPE, PLAIN_BATCH = (96, 96), 16
+
+
 def _worker(task: str, spec: dict) -> dict | list[dict]:
     """Entry point of an isolated measurement; errors come back as data, so one failure never stops the table."""
     if spec.get("threads"):
@@ -267,7 +317,7 @@ def _worker(task: str, spec: dict) -> dict | list[dict]:
     if spec["variant"].get("compile"):  # compile in the measuring process itself, no pool of compile workers
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
-        return train_row(spec) if task == "train" else infer_rows(spec)
+        return {"train": train_row, "infer": infer_rows, "plain": plain_unet_rows}[task](spec)
     except Exception as err:  # reported in the table (e.g. torch.compile without a compiler)
         return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"}
 
@@ -367,6 +417,14 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
                 res = runner("infer", {**spec, "variant": {**plain, s: True}, "student_only": True})
                 for r in res if isinstance(res, list) else [{"row": "student volume", **res}]:
                     effects.append({"dims": d, "switch": s, **r})
+    plain_rows = []
+    if 2 in wanted:
+        log("2D supervised vs plain MONAI UNet, 96x96 batch 16 ...")
+        cfg2 = load_config(configs[2], list(overrides))
+        res = runner("plain", {"config": configs[2], "overrides": list(overrides), "device": dev, "threads": threads,
+                               "warmup": p["warmup"], "repeats": p["repeats"],
+                               "variant": {"channels_last": True} if cfg2["train"]["channels_last"] else {}})
+        plain_rows = res if isinstance(res, list) else [{"row": "supervised vs plain MONAI UNet", **res}]
     _ratios(rows)
     meta = {"profile": profile, "device": dev, "threads": threads or torch.get_num_threads(),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
@@ -374,7 +432,8 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
             "switches": list(switches), "configs": {str(d): configs[d] for d in wanted}, "overrides": list(overrides),
             "memory": "fresh process per training row: peak = its VmHWM" if runner.isolate and dev == "cpu"
             else ("torch.cuda.max_memory_allocated" if dev == "cuda" else "in-process VmHWM after a reset")}
-    return {"meta": meta, "rows": rows, "effects": _effect_ratios(effects, rows), "reference": _reference(rows)}
+    return {"meta": meta, "rows": rows, "effects": _effect_ratios(effects, rows), "reference": _reference(rows),
+            "plain_unet": plain_rows}
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -437,6 +496,13 @@ def format_report(result: dict) -> str:
             else:
                 lines.append(head + f"{e['baseline_s']:>9.3f}{e['seconds']:>11.3f}{e['speedup']:>9.2f}"
                                     f"{e['peak_mib']:>9.0f}")
+    if result.get("plain_unet"):
+        lines += ["", f"supervised training, {PLAIN_SHAPE[0]}x{PLAIN_SHAPE[1]}, batch {PLAIN_BATCH}, same process "
+                      "(median of at least 5 steps):",
+                  f"{'row':<44}{'params':>10}{'img/s':>10}{'s/step':>9}"]
+        for r in result["plain_unet"]:
+            lines.append(f"{r['row']:<44}error: {r['error']}" if "error" in r else
+                         f"{r['row']:<44}{r['params']:>10}{r['rate']:>10.1f}{r['seconds']:>9.3f}")
     ref = result["reference"]
     protocol = ref.get("size") == "128x128, batch 8+8"
     if "step_s" in ref:
@@ -457,15 +523,6 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m superdiffusion.bench.speed` / benchmarks/speed.py: `superdiffusion bench-speed` by another name."""
-    import sys
-
-    from ..cli.main import main as cli
-
-    return cli(["bench-speed", *(sys.argv[1:] if argv is None else argv)])
-
-
 def run_from_args(args) -> int:
     import sys
 
@@ -480,7 +537,3 @@ def run_from_args(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
