@@ -3,7 +3,7 @@
 # Run from the repository root on the device machine, with the LA copy packed by la_transfer.py in .dev/la
 # and the wheels the image lacks in .whl (monai, nibabel, pynrrd). Writes logs and a tarball under $OUT.
 #   1. smoke: every method of the synthetic protocol trained and evaluated on CUDA (stops here on failure)
-#   2. the la2d-cpu table: 7 methods x 10 %, 20 % x seeds 0, 1, 2 (+ the unlabelled-weight ablation)
+#   2. the la2d table: the protocol's methods x 8, 16 labelled x seeds 0, 1, 2 (LA2D_ARGS adds methods)
 #   3. bench-speed on the GPU: fp32 vs bf16 autocast vs channels-last
 #   4. predict (teacher ensemble + uncertainty, DDIM) and export on a la2d run
 #   5. the la3d-full protocol for a few steps (step time -> cost of the full protocol)
@@ -36,14 +36,13 @@ B=$T/la2d
 if part la2d; then
 stamp la2d table
 if [ -n "${LA2D_FROM:-}" ]; then cp -r "$LA2D_FROM" $B; fi  # runs finished in an earlier session are skipped
-# windows of 64 slices per call: validation on a GPU is otherwise bound by per-window launches
-timeout -k 10 $LA2D_S $SD bench --protocol la2d-cpu --train-data /tmp/LA --out $B --jobs $LA2D_JOBS --no-progress \
-  --set eval.sw_batch_size=64 $LA2D_ARGS > $OUT/la2d.log 2>&1
+timeout -k 10 $LA2D_S $SD bench --protocol la2d --train-data /tmp/LA --out $B --jobs $LA2D_JOBS --no-progress \
+  $LA2D_ARGS > $OUT/la2d.log 2>&1
 rc=$?; echo "la2d rc=$rc"; pkill -f multiprocessing.spawn; sleep 2
 tail -3 $OUT/la2d.log
 if [ $rc -ne 0 ]; then  # cut before the end: tables and figures from the finished runs
-  timeout -k 5 60 $SD bench --protocol la2d-cpu --train-data /tmp/LA --out $B --no-progress \
-    --set eval.sw_batch_size=64 $LA2D_ARGS --report-only > $OUT/la2d-report.log 2>&1
+  timeout -k 5 60 $SD bench --protocol la2d --train-data /tmp/LA --out $B --no-progress \
+    $LA2D_ARGS --report-only > $OUT/la2d-report.log 2>&1
 fi
 fi
 
@@ -54,7 +53,7 @@ timeout -k 5 100 $SD bench-speed --device cuda --amp --channels-last --repeats 5
 fi
 
 stamp predict and export
-R=$B/runs/superdiffusion/frac0.1/seed0; C=$(sed -n 1p /tmp/LA/train.list)
+R=$B/runs/superdiffusion/frac8/seed0; C=$(sed -n 1p /tmp/LA/train.list)
 if part predict && [ -f $R/DONE ]; then
   ( $SD predict $R /tmp/LA/$C/mri_norm2.h5 --out $T/pred-ens --predictor teacher --mode ensemble --uncertainty &&
     $SD predict $R /tmp/LA/$C/mri_norm2.h5 --out $T/pred-ddim --predictor teacher --mode ddim &&

@@ -6,7 +6,7 @@
 The images are z-scored 8-bit scans, so they are stored as uint8 levels (exact) but at HALF in-plane
 resolution (lossy: bilinear, antialiased); unpacking upsamples them back to the original grid. Labels
 stay exact at full resolution, so every metric is still computed against the true masks at the
-original resolution. A protocol that halves the in-plane resolution itself (la2d-cpu) therefore sees
+original resolution. A protocol that resamples the slices itself (la2d: 96x96) therefore sees
 nearly, not exactly, the images it sees on the original files: numbers made on an unpacked copy are
 comparable with each other, and only approximately with runs on the original data.
 """
