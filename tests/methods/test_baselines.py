@@ -94,6 +94,38 @@ def test_mean_teacher_ema_update():
     assert all(torch.allclose(v, student[k]) for k, v in m.teacher.state_dict().items())
 
 
+def test_mean_teacher_consistency_waits_then_ramps_over_the_run():
+    from superdiffusion.methods.baselines import UAMT, MeanTeacher
+
+    mt = MeanTeacher.__new__(MeanTeacher)
+    assert mt.consistency_weight(99, 3000) == 0.0  # SSL4MIS 2D: the first 1000 of 30000 iterations
+    assert 0 < mt.consistency_weight(100, 3000) < mt.consistency_weight(2000, 3000) < mt.consistency == 0.1
+    assert UAMT.__new__(UAMT).consistency_weight(0, 3000) > 0  # UA-MT's codes have no delay
+
+
+def test_cps_pseudo_supervises_the_unlabelled_images_only(monkeypatch):
+    """SSL4MIS's CPS (2D and 3D): the cross terms on `outputs[labeled_bs:]`; the paper's code: every image."""
+    import types
+
+    from superdiffusion.methods import baselines
+
+    sizes = []
+
+    def cross_entropy(logits, target):
+        sizes.append(len(logits))
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    monkeypatch.setattr(baselines, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    m = build(CPS, 2).train()
+    batch = tiny_batch(2, 2)  # 2 labelled + 3 unlabelled
+    m.training_step(batch, step=3, total_steps=10, generator=torch.Generator().manual_seed(0))
+    assert sizes == [3, 3]
+    sizes.clear()
+    m.pseudo_on_labelled = True
+    m.training_step(batch, step=3, total_steps=10, generator=torch.Generator().manual_seed(0))
+    assert sizes == [5, 5]
+
+
 def test_helpers():
     assert sigmoid_ramp(0, 10) == pytest.approx(math.exp(-5)) and sigmoid_ramp(10, 10) == 1.0
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -131,12 +163,17 @@ def test_learns_on_synthetic(tmp_path, name):
     results = train_run(cfg, tmp_path / name, progress=False)
     losses = [r["loss"] for r in map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines())
               if "loss" in r]
-    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    first = losses
+    if name == "bcp":  # its self-training starts from the copy-paste stage: the loss fell there first
+        first = [r["loss"] for r in map(json.loads, (tmp_path / name / "pretrain" / "log.jsonl").read_text()
+                                         .splitlines()) if "loss" in r]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.8 * np.mean(first[:5])
     assert results["val"][results["predictor"]]["mean"]["dice"]["mean"] > DICE_FLOOR
 
 
 def test_bcp_pretrains_on_labelled_copy_paste_then_starts_its_teacher_from_it(tmp_path):
-    """BCP's stage 1 runs in pretrain/ for 2/15 of the steps on labelled mixes; the EMA teacher starts from it."""
+    """BCP's stage 1 runs in pretrain/ on labelled mixes (2D: as many steps as stage 2, their ACDC code; 3D: 2/15
+    of them, their LA code); the EMA teacher starts from it."""
     cfg = load_config(None, [
         "method=bcp", "data.format=synthetic", "data.synthetic={cases: 12, shape: [32, 32], seed: 0}",
         "split.labelled=4", "split.val=2", "model.channels=[4, 8]", "train.patch=[32, 32]", "train.batch_size=2",
@@ -144,15 +181,36 @@ def test_bcp_pretrains_on_labelled_copy_paste_then_starts_its_teacher_from_it(tm
         "train.threads=1"])
     train_run(cfg, tmp_path / "bcp", progress=False)
     stage_log = [json.loads(r) for r in (tmp_path / "bcp" / "pretrain" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in stage_log if "loss" in r] == [1, 2]  # round(15 * 2000 / 15000)
+    assert [r["step"] for r in stage_log if "loss" in r] == list(range(1, 16))
+    assert BCP.pretrain_steps({"train": {"steps": 15}, "data": {"dims": 3}}) == 2  # round(15 * 2000 / 15000)
     m = BCP(cfg, dims=2, in_channels=1, num_classes=2)
     stage = m.stages()[0]
     assert stage.method.student is m.student and not getattr(stage.method, "uses_unlabelled", False)
     with torch.no_grad():
-        m.student.stem.conv1[0].weight.add_(1.0)  # as if stage 1 had trained it
+        m.student.first.conv.weight.add_(1.0)  # as if stage 1 had trained it
     m.after_stages()
     for t, s in zip(m.teacher.state_dict().values(), m.student.state_dict().values()):
         assert torch.equal(t, s)
+
+
+def test_bcp_pseudo_labels_keep_each_class_largest_component_and_a_fixed_ema():
+    from superdiffusion.methods.baselines import largest_components
+
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[0, :3, :3] = 1  # 9 pixels: kept
+    labels[0, 6:, 6:] = 1  # 4 pixels: dropped
+    labels[0, 4, 4] = 2  # another class's only component: kept
+    labels[1, 1, 1] = labels[1, 2, 2] = 1  # diagonal neighbours: one component (full connectivity)
+    out = largest_components(labels)
+    assert out[0, :3, :3].eq(1).all() and out[0, 6:, 6:].eq(0).all() and out[0, 4, 4] == 2
+    assert torch.equal(out[1], labels[1])
+    m = build(BCP, 2)
+    m.teacher.load_state_dict(m.student.state_dict())
+    with torch.no_grad():
+        m.student.first.conv.weight.add_(1.0)
+    before = m.teacher.first.conv.weight.clone()
+    m.after_step(0)  # a warm-up would copy the student (decay 0 at step 0); BCP's code keeps 0.99
+    assert torch.allclose(m.teacher.first.conv.weight, before + 0.01)
 
 
 class _Fixed(torch.nn.Module):

@@ -13,8 +13,10 @@ import copy
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -47,8 +49,11 @@ class MeanTeacher(Method):
 
     Student: 0.5 (Dice + CE) on labels + w(t) * MSE(softmax student(x_u), softmax teacher(x_u + noise)),
     noise clamp(0.1 N(0, 1), -0.2, 0.2) on the teacher's input only; w(t) = consistency * exp(-5 (1 - t)^2),
-    t = step / total_steps (ramp over the whole run). Teacher: EMA of the student's parameters and
+    t = step / total_steps (ramp over the whole run), and 0 for the first consistency_delay of the run
+    (SSL4MIS's 2D script: iterations 0-999 of 30000). Teacher: EMA of the student's parameters and
     floating buffers (BN statistics) with decay min(1 - 1 / (step + 1), ema_decay) (the official warm-up).
+    Dropout (SSL4MIS's 2D U-Net: `model.dropout` per level, in the la2d protocol) perturbs student and teacher
+    alike: the teacher also runs in training mode.
     """
 
     name = "mean-teacher"
@@ -56,6 +61,13 @@ class MeanTeacher(Method):
     step_cost = 2.0
     ema_decay = 0.99
     consistency = 0.1
+    consistency_delay = 1000 / 30000
+    ema_warmup = True  # decay min(1 - 1 / (step + 1), ema_decay): the teacher starts as the true average
+
+    def consistency_weight(self, step: int, total_steps: int) -> float:
+        if step < self.consistency_delay * total_steps:
+            return 0.0
+        return self.consistency * sigmoid_ramp(step, total_steps)
 
     def __init__(self, cfg: dict, **kw):
         super().__init__(cfg, **kw)
@@ -81,13 +93,13 @@ class MeanTeacher(Method):
         sup = self.supervised(logits[:len(x_l)], y)
         cons, logs = self.consistency_loss(logits[len(x_l):], x_u, step=step, total_steps=total_steps,
                                            generator=generator)
-        w = self.consistency * sigmoid_ramp(step, total_steps)
+        w = self.consistency_weight(step, total_steps)
         loss = sup + w * cons
         return loss, {"loss": loss.item(), "sup": sup.item(), "cons": cons.item(), "w": w, **logs}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        alpha = min(1 - 1 / (step + 1), self.ema_decay)
+        alpha = min(1 - 1 / (step + 1), self.ema_decay) if self.ema_warmup else self.ema_decay
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t.mul_(alpha).add_(s, alpha=1 - alpha)
         for t, s in zip(self.teacher.buffers(), self.student.buffers()):
@@ -105,11 +117,13 @@ class UAMT(MeanTeacher):
 
     Mean Teacher whose consistency counts only voxels where the teacher is certain: the entropy of the
     mean softmax of `passes` (T = 8) noisy teacher passes must lie below (0.75 + 0.25 ramp(t)) ln K;
-    consistency = sum(mask * MSE) / (K sum(mask)). Other values as MeanTeacher (consistency 0.1, EMA 0.99).
+    consistency = sum(mask * MSE) / (K sum(mask)). Other values as MeanTeacher (consistency 0.1, EMA 0.99),
+    but no consistency delay (neither its LA code nor SSL4MIS's 2D script has one).
     """
 
     name = "ua-mt"
     passes = 8
+    consistency_delay = 0.0
 
     def consistency_loss(self, logits_u: Tensor, x_u: Tensor, *, step: int, total_steps: int,
                          generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -127,11 +141,12 @@ class UAMT(MeanTeacher):
 
 
 class CPS(Method):
-    """Cross pseudo supervision (Chen et al., CVPR 2021), as SSL4MIS's 3D code used for LA comparisons.
+    """Cross pseudo supervision (Chen et al., CVPR 2021), as SSL4MIS's 2D and 3D code used for LA comparisons.
 
     Two U-Nets, Kaiming- and Xavier-normal initialised, one optimiser each; each gets 0.5 (Dice + CE) on
-    labels plus w(t) * CE against the other's argmax on every image of the step (labelled and unlabelled,
-    as the paper); w(t) = cps_weight * exp(-5 (1 - t)^2) over the run (SSL4MIS: 0.1; the paper's VOC 1.5).
+    labels plus w(t) * CE against the other's argmax on the unlabelled images of the step (SSL4MIS's
+    `outputs[labeled_bs:]`; the paper's natural-image code also uses the labelled ones: `pseudo_on_labelled`);
+    w(t) = cps_weight * exp(-5 (1 - t)^2) over the run (SSL4MIS: 0.1; the paper's VOC 1.5, unramped).
     Predictors: net1 (the paper infers with one branch), net2, and the ensemble of their probabilities.
     """
 
@@ -139,6 +154,7 @@ class CPS(Method):
     uses_unlabelled = True
     step_cost = 4.0
     cps_weight = 0.1
+    pseudo_on_labelled = False
 
     def __init__(self, cfg: dict, **kw):
         super().__init__(cfg, **kw)
@@ -158,6 +174,8 @@ class CPS(Method):
         x, n = torch.cat([x_l, batch["unlabelled"]]), len(x_l)
         o1, o2 = self.net1(x), self.net2(x)
         sup = 0.5 * (self.dice_ce(o1[:n], y) + self.dice_ce(o2[:n], y))
+        if not self.pseudo_on_labelled:
+            o1, o2 = o1[n:], o2[n:]
         cps = F.cross_entropy(o1, o2.argmax(1).detach()) + F.cross_entropy(o2, o1.argmax(1).detach())
         w = self.cps_weight * sigmoid_ramp(step, total_steps)
         loss = sup + w * cps
@@ -169,6 +187,22 @@ class CPS(Method):
 
     def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
         return {"net1": self.net1, "net2": self.net2, "ensemble": self.ensemble}
+
+
+def largest_components(labels: Tensor) -> Tensor:
+    """Each image's foreground classes reduced to their largest connected component (full connectivity, as
+    skimage.measure.label's default in BCP's LargestCC); a class absent from an image stays absent."""
+    structure = np.ones((3,) * (labels.dim() - 1))
+    out = labels.cpu().numpy().copy()
+    for image in out:
+        for k in np.unique(image):
+            if k == 0:
+                continue
+            components, n = ndimage.label(image == k, structure=structure)
+            if n > 1:
+                sizes = np.bincount(components.ravel())[1:]
+                image[(components > 0) & (components != 1 + int(np.argmax(sizes)))] = 0
+    return torch.from_numpy(out).to(labels.device)
 
 
 def box_mask(spatial: tuple[int, ...], ratio: float, generator: torch.Generator) -> Tensor:
@@ -234,25 +268,27 @@ class BCPPretrain(Method):
 class BCP(MeanTeacher):
     """Bidirectional copy-paste (Bai et al., CVPR 2023), its LA code's two stages.
 
-    Stage 1 (BCPPretrain, pretrain_share of train.steps, as their 2000 of 15000 iterations): copy-paste
-    between labelled images. Stage 2, self-training: the EMA teacher (started as a copy of the stage-1
-    student) argmax pseudo-labels the unlabelled images; a box of box_ratio (2/3) of each side, at a random
-    position, is pasted from an unlabelled image into a labelled one and from a labelled image into an
-    unlabelled one; the student learns both mixes with (Dice + CE) / 2 against the same mix of (label,
-    pseudo-label), unlabelled regions weighted u_weight (0.5). Pairs: labelled i with unlabelled i mod Bu
-    and back, so every image of both streams is used. Differences from the reference: no largest-component
-    filtering of the pseudo-labels, stage 1 keeps its last step (theirs its best on the test set); EMA
-    decay 0.99 as theirs.
+    Stage 1 (BCPPretrain): copy-paste between labelled images, for pretrain_share of train.steps: 2000 of
+    15000 iterations in their 3D (LA) code, as many as the self-training's in their 2D (ACDC) code, which
+    decides for 2D networks. Stage 2, self-training: the EMA teacher (started as a copy of the stage-1
+    student, then a fixed decay of 0.99, no warm-up) argmax pseudo-labels the unlabelled images, each
+    foreground class reduced to its largest connected component (their LargestCC, per image); a box of
+    box_ratio (2/3) of each side, at a random position, is pasted from an unlabelled image into a labelled
+    one and from a labelled image into an unlabelled one; the student learns both mixes with (Dice + CE) / 2
+    against the same mix of (label, pseudo-label), unlabelled regions weighted u_weight (0.5). Pairs:
+    labelled i with unlabelled i mod Bu and back, so every image of both streams is used (theirs splits each
+    stream in halves, each image in one mix). Stage 1 keeps its last step (theirs its best on validation).
     """
 
     name = "bcp"
     box_ratio = 2 / 3
     u_weight = 0.5
-    pretrain_share = 2000 / 15000
+    pretrain_share = {3: 2000 / 15000, 2: 1.0}  # by network dimensionality: their LA (3D) and ACDC (2D) codes
+    ema_warmup = False
 
     @classmethod
     def pretrain_steps(cls, cfg: dict) -> int:
-        return round(cfg["train"]["steps"] * cls.pretrain_share)
+        return round(cfg["train"]["steps"] * cls.pretrain_share[cfg["data"]["dims"]])
 
     @classmethod
     def stages_note(cls, cfg: dict) -> str | None:
@@ -274,7 +310,7 @@ class BCP(MeanTeacher):
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
-        pseudo = forward_batch_stats(self.teacher, x_u).argmax(1)
+        pseudo = largest_components(forward_batch_stats(self.teacher, x_u).argmax(1))
         mask = box_mask(tuple(x_l.shape[2:]), self.box_ratio, generator).to(x_l)
         dev = x_l.device
         to_u, to_l = torch.arange(len(x_l), device=dev) % len(x_u), torch.arange(len(x_u), device=dev) % len(x_l)
