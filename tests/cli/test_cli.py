@@ -155,11 +155,57 @@ def test_predict_writes_masks_in_the_inputs_format(trained, la_root, tmp_path, c
     assert np.allclose(nii.affine, src.affine)
     assert set(np.unique(np.asarray(nii.dataobj))) <= {0, 1}
 
-    # never overwrite: a second predict into the same folder is refused and changes nothing
+    # never overwrite: a second predict into the same folder skips the finished case and changes nothing
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert main(["predict", str(trained), str(h5_input), "--out", str(out)]) == 2
-    _one_error_line(capsys, out, "synth003")
+    assert main(["predict", str(trained), str(h5_input), "--out", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "0 case(s) segmented, 1 skipped" in captured.err and "--overwrite" in captured.err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # --overwrite redoes it (same mask: inference is deterministic)
+    assert main(["predict", str(trained), str(h5_input), "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert capsys.readouterr().out.split() == [str(out / "synth003.h5")]
+    with h5py.File(out / "synth003.h5", "r") as f:
+        assert np.array_equal(f["label"][()], mask)
+
+
+def test_predict_continues_an_interrupted_folder_and_writes_extras(trained, tmp_path, capsys):
+    from PIL import Image
+
+    vol = write_synthetic_dataset(tmp_path / "vol", 3, dims=3, shape=(16, 16, 12), fmt="volumes")
+    images = sorted((vol / "images").iterdir())
+    out = tmp_path / "masks"
+    assert main(["predict", str(trained), str(images[0]), "--out", str(out), "--no-progress"]) == 0
+    (out / ".tmp-1-synth001.nii.gz").write_bytes(b"torn")  # what a killed writer could leave: not a finished mask
+    capsys.readouterr()
+    assert main(["predict", str(trained), str(vol / "images"), "--out", str(out), "--save-probabilities",
+                 "--preview", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "2 case(s) segmented, 1 skipped" in captured.err
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == sorted(["synth000.nii.gz"] + [f"synth00{k}{s}" for k in (1, 2) for s in
+                                                  (".nii.gz", "_probability.nii.gz", "_preview.png")])
+    prob = nib.load(str(out / "synth001_probability.nii.gz"))
+    mask = np.asarray(nib.load(str(out / "synth001.nii.gz")).dataobj)
+    p = np.asarray(prob.dataobj)
+    assert prob.shape == mask.shape and p.dtype == np.float32 and ((p > 0.5) == (mask == 1)).all()
+    preview = np.asarray(Image.open(out / "synth001_preview.png"))
+    assert preview.ndim == 3 and preview.std() > 0  # a picture, not a blank
+
+
+def test_predict_refuses_a_wrong_channel_count_and_an_unusable_out_before_any_work(trained, tmp_path, capsys):
+    from PIL import Image
+
+    rgb = tmp_path / "in" / "photo.png"
+    rgb.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(rgb)
+    out = tmp_path / "masks"
+    assert main(["predict", str(trained), str(rgb), "--out", str(out)]) == 2
+    _one_error_line(capsys, "photo.png", "channel")
+    assert not out.exists()  # nothing created, nothing half-written
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["predict", str(trained), str(rgb), "--out", str(afile)]) == 2
+    _one_error_line(capsys, "afile", "is a file")
 
 
 def test_predict_a_folder_of_cases(trained, la_root, tmp_path, capsys):
@@ -388,6 +434,14 @@ def test_predict_refuses_inputs_with_the_same_case_id_before_writing(trained, tm
                  str(b / "images" / "synth000.nii.gz"), "--out", str(out)]) == 2
     _one_error_line(capsys, "synth000")
     assert not out.exists() or not any(out.iterdir()), "a mask was written before the input error"
+
+
+def test_evaluate_refuses_an_unwritable_output_before_computing(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["evaluate", "--pred", str(tmp_path), "--gt", str(tmp_path), "--out", str(afile / "s.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "afile" in err[0] and "is a file" in err[0]
 
 
 def test_evaluate_refuses_to_overwrite_its_output(tmp_path, capsys):

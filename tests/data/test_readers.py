@@ -385,3 +385,22 @@ def test_real_la_cases():
         case = load_case(ref)
         assert case.image.ndim == 4 and case.image.shape[0] == 1 and case.image.shape[-1] == 88
         assert case.label.shape == case.image.shape[1:] and set(np.unique(case.label)) <= {0, 1}
+
+
+def test_2d_masks_are_visible_in_a_viewer_and_read_back_as_classes(tmp_path):
+    from PIL import Image
+
+    _img(tmp_path / "images" / "a.png", RNG.integers(0, 255, (8, 10), dtype=np.uint8))
+    _img(tmp_path / "labels" / "a.png", _mask2d())
+    case = load_case(discover("folders", tmp_path)[0])
+    mask = np.zeros(case.spatial_shape, np.int64)
+    mask[2:5, 3:8] = 1
+    binary = write_mask(mask, case, tmp_path / "bin")
+    assert set(np.unique(np.asarray(Image.open(binary)))) == {0, 255}  # not 0/1: black in every viewer
+    assert np.array_equal(read_mask(binary)[0], mask)
+    mask[6:, :4] = 2
+    multi = write_mask(mask, case, tmp_path / "multi", num_classes=3)
+    with Image.open(multi) as im:
+        assert im.mode == "P" and im.getpalette()[3:6] != [0, 0, 0]  # class 1 coloured
+    assert np.array_equal(read_mask(multi, num_classes=3)[0], mask)
+    assert not [p for p in (tmp_path / "multi").iterdir() if p.name.startswith(".tmp")]  # written atomically

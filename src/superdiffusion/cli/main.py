@@ -52,7 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "png/bmp), at the input's resolution.")
     pr.add_argument("run", help="run folder made by `superdiffusion train`")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of image files")
-    pr.add_argument("--out", required=True, help="output folder (existing mask files are never overwritten)")
+    pr.add_argument("--out", required=True, help="output folder; cases whose mask is there already are skipped, so "
+                    "an interrupted predict continues into the same folder")
+    pr.add_argument("--overwrite", action="store_true", help="redo (and replace) cases whose mask exists already")
+    pr.add_argument("--save-probabilities", action="store_true",
+                    help="also write <id>_probability: the foreground probability as a float map in the input's "
+                         "format (.tif for 2D); with more classes <id>_probability_<k> per foreground class")
+    pr.add_argument("--preview", action="store_true",
+                    help="also write <id>_preview.png: the image with the mask's outline (middle slices of a volume)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--checkpoint", choices=["best", "last"], help="default: the run's choice")
     pr.add_argument("--predictor", help="student or teacher (default: the run's choice on validation)")
     pr.add_argument("--mode", choices=["fixed", "ddim", "ensemble"],
@@ -77,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tests vs superdiffusion), PNG plots and the run folders into --out. Re-running "
                                    "the same command skips finished runs and resumes interrupted ones.")
     b.add_argument("--protocol", required=True, metavar="NAME",
-                   help="shipped protocol (la2d-cpu, la3d-cpu, la3d-full, synthetic) or a protocol YAML file")
+                   help="shipped protocol (la2d, la3d-cpu, la3d-full, synthetic) or a protocol YAML file")
     b.add_argument("--methods", metavar="A,B,...",
                    help="comma-separated methods (supervised, fully-supervised, mean-teacher, ua-mt, cps, bcp, "
                         "superdiffusion, ...); default: the protocol's list")
@@ -90,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder (re-use it to resume a benchmark)")
     b.add_argument("--ablation", metavar="NAME[,NAME]",
                    help="also run the protocol's ablation variants as extra methods with their own table and "
-                        "plot: teacher (cycle pre-trained vs not; teacher vs student predictions) and/or rounds "
-                        "(R, independent vs chained)")
+                        "plot, e.g. teacher (cycle pre-trained vs not; teacher vs student predictions), rounds "
+                        "(R, independent vs chained) or, in la2d, dropout (supervised with the baselines' dropout)")
     b.add_argument("--train-data", metavar="DIR", help="training dataset folder (default: the protocol's data.root)")
     b.add_argument("--train-list", metavar="FILE",
                    help="list of training case ids (default: the protocol's list with its data, every case "
@@ -191,10 +199,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ..evaluation.evaluate import evaluate_folders, evaluate_run
+    from ..evaluation.evaluate import check_output_dir, evaluate_folders, evaluate_run
 
     if args.out and Path(args.out).exists():  # checked before any prediction; never overwrite a user's file
         raise InputError(f"{args.out}: exists already; choose another --out")
+    if args.out:  # a folder that can take the file, checked before the metrics are computed (and lost)
+        check_output_dir(Path(args.out).parent)
     if args.pred or args.gt:
         if not (args.pred and args.gt) or args.run:
             raise InputError("evaluate: give either RUN --data DIR, or both --pred DIR and --gt DIR")
@@ -206,6 +216,7 @@ def cmd_evaluate(args) -> int:
                               predictor=args.predictor)
     text = json.dumps(report, indent=1)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     print(json.dumps(report["mean"]) if args.out else text)
     return 0
@@ -216,7 +227,10 @@ def cmd_predict(args) -> int:
 
     for path in predict_files(args.run, args.inputs, args.out, checkpoint=args.checkpoint, predictor=args.predictor,
                               mode=args.mode, ddim_steps=args.ddim_steps, samples=args.samples,
-                              noise_seed=args.noise_seed, uncertainty=args.uncertainty):
+                              noise_seed=args.noise_seed, uncertainty=args.uncertainty,
+                              save_probabilities=args.save_probabilities, preview=args.preview,
+                              overwrite=args.overwrite, progress=not args.no_progress,
+                              log=lambda line: print(line, file=sys.stderr)):
         print(path)
     return 0
 

@@ -8,6 +8,7 @@ own format (same geometry), so that they open next to the image in the user's us
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -434,7 +435,18 @@ def _target_path(out_dir: str | Path, name: str, overwrite: bool) -> Path:
     return path
 
 
-def _write(kind: str, path: Path, arr: np.ndarray, case: Case, dataset: str) -> None:
+def _write(kind: str, path: Path, arr: np.ndarray, case: Case, dataset: str, *, num_classes: int = 2) -> None:
+    """Write to a temporary name beside `path`, then rename: a killed process never leaves a half file behind
+    (so a file that exists is a finished one, which `predict` relies on to continue into a folder)."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same extension: writers choose by it
+    try:
+        _write_now(kind, tmp, arr, case, dataset, num_classes)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_now(kind: str, path: Path, arr: np.ndarray, case: Case, dataset: str, num_classes: int) -> None:
     if kind == "la-h5":
         with h5py.File(path, "w") as f:
             f.create_dataset(dataset, data=arr, compression="gzip")
@@ -458,12 +470,25 @@ def _write(kind: str, path: Path, arr: np.ndarray, case: Case, dataset: str) -> 
         nrrd.write(str(path), arr, {**header, "encoding": "gzip"})
     elif kind == "tif":
         tifffile.imwrite(path, arr)
+    elif dataset == "label" and num_classes > 2:  # class indices in a palette image: distinct colours in a viewer
+        image = Image.fromarray(arr, mode="P")
+        image.putpalette([c for k in range(256) for c in PALETTE[k % len(PALETTE)]])
+        image.save(path)
+    elif dataset == "label":  # binary: 0/255, visible in any viewer (read back as 0/1)
+        Image.fromarray((arr > 0).astype(np.uint8) * 255, mode="L").save(path)
     else:
         Image.fromarray(arr, mode="L").save(path)
 
 
-def write_mask(mask: np.ndarray, case: Case, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Store a class-index mask (uint8) in the case's own format and geometry, as `<id>` + extension.
+# background black, then distinct colours (matplotlib's tab10) for classes 1, 2, ...
+PALETTE = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def write_mask(mask: np.ndarray, case: Case, out_dir: str | Path, *, overwrite: bool = False,
+               num_classes: int = 2) -> Path:
+    """Store a class-index mask (uint8) in the case's own format and geometry, as `<id>` + extension; 2D images
+    hold 0/255 for two classes and a palette of class indices for more (visible in any viewer).
 
     Refuses to replace an existing file unless `overwrite=True`: results must never vanish silently.
     """
@@ -475,8 +500,13 @@ def write_mask(mask: np.ndarray, case: Case, out_dir: str | Path, *, overwrite: 
         raise InputError(f"mask for case {case.id!r} has values outside 0..255 ({mask.min()}..{mask.max()})")
     kind, ext = _target(case, float_map=False)
     path = _target_path(out_dir, case.id + ext, overwrite)
-    _write(kind, path, mask.astype(np.uint8), case, "label")
+    _write(kind, path, mask.astype(np.uint8), case, "label", num_classes=num_classes)
     return path
+
+
+def mask_path(case: Case, out_dir: str | Path) -> Path:
+    """Where write_mask puts the case's mask."""
+    return Path(out_dir) / (case.id + _target(case, float_map=False)[1])
 
 
 def write_array(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from ..data.case import Case
 from ..data.pipeline import SUFFIX_FORMATS, file_suffix, input_refs, load_cases, require_labels
-from ..data.readers import load_case, read_mask, write_array, write_mask
+from ..data.readers import load_case, mask_path, read_mask, write_array, write_mask
 from ..errors import InputError
 from .inference import segment
 from .metrics import METRICS, case_metrics, summarize
@@ -69,13 +72,35 @@ def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 2) -> dict:
     return report(per_case, pred=str(pred_dir), gt=str(gt_dir))
 
 
+def check_output_dir(out_dir: str | Path) -> Path:
+    """An output folder that is (or can be created as) a writable folder, or a one-line error before any work
+    starts; nothing is created yet."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: --out is a file, not a folder")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{out_dir}: cannot create this output folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{out_dir}: cannot write to this output folder ({existing} is not writable)")
+    return out_dir
+
+
 def predict_files(run_dir, inputs, out_dir, *, checkpoint=None, predictor=None, mode=None, ddim_steps=None,
-                  samples=None, noise_seed=None, uncertainty: bool = False) -> list[Path]:
-    """Segment each input and write its mask (and optional uncertainty map) in the input's own format.
+                  samples=None, noise_seed=None, uncertainty: bool = False, save_probabilities: bool = False,
+                  preview: bool = False, overwrite: bool = False, progress: bool = True,
+                  log=print) -> list[Path]:
+    """Segment each input and write its mask (and optional extras) in the input's own format.
 
     predictor: student | teacher (default: the run's choice on validation); mode: the teacher's
     inference (fixed, ddim, ensemble). uncertainty: the std of `samples` teacher passes, as a float map.
+    save_probabilities: the foreground probability (`<id>_probability`; `_probability_<k>` per foreground class
+    for more classes) as float maps. preview: `<id>_preview.png`, the image with the mask's outline (the
+    middle slice of each axis of a volume). A case whose mask exists already in `out_dir` is skipped, so an
+    interrupted predict continues into the same folder (the mask is written last, atomically); `overwrite`
+    redoes every case.
     """
+    out_dir = check_output_dir(out_dir)
     run = load_run(run_dir, checkpoint=checkpoint, predictor=predictor)
     if (mode or uncertainty) and not hasattr(run.method, "teacher"):
         raise InputError(f"{run_dir}: --mode/--uncertainty need a diffusion teacher; {run.cfg['method']} has none")
@@ -87,18 +112,52 @@ def predict_files(run_dir, inputs, out_dir, *, checkpoint=None, predictor=None, 
     if twice:
         same = [str(r.image) for r in refs if r.id == twice[0]]
         raise InputError(f"inputs {same[0]} and {same[1]} both give case id {twice[0]!r}: their masks would collide")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clashes = [r for r in refs if any(out_dir.glob(f"{r.id}.*")) or any(out_dir.glob(f"{r.id}_uncertainty.*"))]
-    if clashes:
-        raise InputError(f"{out_dir}: a mask for {clashes[0].id} exists already; choose another --out")
-    cases = [load_case(r, with_label=False) for r in refs]  # every input read and checked first
+    cases = [run.check_fits(load_case(r, with_label=False)) for r in refs]  # every input read and checked first
+    num_classes = run.cfg["data"]["num_classes"]
     fn = run.teacher(mode, steps=ddim_steps, samples=samples, noise_seed=noise_seed) if mode else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = [c for c in cases if mask_path(c, out_dir).exists()] if not overwrite else []
+    todo = [c for c in cases if c not in done]
     written = []
-    for case in cases:
-        written.append(write_mask(segment(run.probabilities(case, fn=fn)), case, out_dir))
+    for case in tqdm(todo, desc="predict", unit="case", disable=not progress or not todo, dynamic_ncols=True):
+        probs = run.probabilities(case, fn=fn)
+        mask = segment(probs)
         if uncertainty:
             _, spread = run.uncertainty(case, samples=samples or run.cfg["diffusion"]["ensemble"],
                                         noise_seed=noise_seed)
-            written.append(write_array(spread, case, out_dir, "_uncertainty"))
+            written.append(write_array(spread, case, out_dir, "_uncertainty", overwrite=True))
+        if save_probabilities:
+            for k in range(1, num_classes):
+                suffix = "_probability" if num_classes == 2 else f"_probability_{k}"
+                written.append(write_array(probs[k], case, out_dir, suffix, overwrite=True))
+        if preview:
+            written.append(write_preview(case, mask, out_dir / f"{case.id}_preview.png"))
+        written.append(write_mask(mask, case, out_dir, overwrite=True, num_classes=num_classes))  # last: "done"
+    skipped = f", {len(done)} skipped (their masks exist already in {out_dir}; --overwrite redoes them)" \
+        if done else ""
+    log(f"predict: {len(todo)} case(s) segmented{skipped}; outputs in {out_dir}")
     return written
+
+
+def write_preview(case: Case, mask: np.ndarray, path: Path) -> Path:
+    """A PNG of the image (first channel) with the mask's outline: 2D as is, 3D as the middle slice of each axis."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    image = case.image[0]
+    views = [(image, mask)] if image.ndim == 2 else \
+        [(np.take(image, image.shape[a] // 2, axis=a), np.take(mask, mask.shape[a] // 2, axis=a)) for a in range(3)]
+    fig = Figure(figsize=(3.2 * len(views), 3.4))
+    FigureCanvasAgg(fig)
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    for i, (img, lab) in enumerate(views):
+        ax = fig.add_subplot(1, len(views), i + 1)
+        ax.imshow(img.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
+        for k in np.unique(lab)[1:]:
+            ax.contour((lab == k).T.astype(float), levels=[0.5], colors=[f"C{(int(k) - 1) % 10}"], linewidths=1.2)
+        ax.set_axis_off()
+    fig.suptitle(f"{case.id}: {'mask outline' if image.ndim == 2 else 'middle slices, mask outline'}", fontsize=9)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
