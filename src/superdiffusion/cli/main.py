@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "benchmark cut short; the missing cells read 'not run yet')")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    r = sub.add_parser("report", help="one self-contained HTML report of a run or a bench folder",
+                       description="Writes one HTML file (figures inline) that can be sent as it is: for a run, its "
+                                   "protocol, split, validation metrics, learning curves and validation overlays; for "
+                                   "a bench folder, its tables, statistics and figures.")
+    r.add_argument("folder", metavar="DIR", help="a run folder (train) or a bench folder (bench)")
+    r.add_argument("--out", required=True, help="the HTML file to write (never overwritten)")
+
     x = sub.add_parser("export", help="save a run's predictor as a TorchScript file that needs only PyTorch",
                        description="Writes the run's chosen predictor (or --predictor) as TorchScript: "
                                    "torch.jit.load(FILE)(image) maps a raw image tensor (C, *spatial) to an int64 "
@@ -259,6 +266,13 @@ def cmd_bench(args) -> int:
     return 1 if bench.failures else 0
 
 
+def cmd_report(args) -> int:
+    from ..bench.html import write_report
+
+    print(write_report(args.folder, args.out))
+    return 0
+
+
 def cmd_export(args) -> int:
     from ..evaluation.export import export_run
 
@@ -274,4 +288,4 @@ def cmd_bench_speed(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
-            "bench": cmd_bench, "export": cmd_export, "bench-speed": cmd_bench_speed}
+            "bench": cmd_bench, "export": cmd_export, "bench-speed": cmd_bench_speed, "report": cmd_report}
