@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pred", help="folder of predicted mask files (matched to --gt by file name)")
     e.add_argument("--gt", help="folder of ground-truth mask files")
     e.add_argument("--num-classes", type=int, default=None, help="K for --pred/--gt (default 2)")
+    e.add_argument("--ignore-geometry", action="store_true",
+                   help="score --pred/--gt masks whose spacing, direction or origin differ (refused by default)")
     e.add_argument("--checkpoint", choices=["best", "last"], help="checkpoint of RUN (default: the run's choice)")
     e.add_argument("--predictor", help="student or teacher (default: the run's choice on validation)")
     e.add_argument("--out", help="write the JSON here (default: print it)")
@@ -215,7 +217,8 @@ def cmd_evaluate(args) -> int:
     if args.pred or args.gt:
         if not (args.pred and args.gt) or args.run:
             raise InputError("evaluate: give either RUN --data DIR, or both --pred DIR and --gt DIR")
-        report = evaluate_folders(args.pred, args.gt, num_classes=args.num_classes or 2)
+        report = evaluate_folders(args.pred, args.gt, num_classes=args.num_classes or 2,
+                                  ignore_geometry=args.ignore_geometry)
     else:
         if not (args.run and args.data):
             raise InputError("evaluate: give either RUN --data DIR, or both --pred DIR and --gt DIR")

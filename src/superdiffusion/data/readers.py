@@ -283,7 +283,8 @@ def _read_any(
             while arr.ndim > 3 and arr.shape[-1] == 1:  # NIfTI stores a 3D volume as (X, Y, Z, 1) at times
                 arr = arr[..., 0]
             spacing = tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
-            extra = {"affine": img.affine.tolist()}
+            extra = {"affine": img.affine.tolist(), "qform_code": int(img.header["qform_code"]),
+                     "sform_code": int(img.header["sform_code"]), "xyzt_units": list(img.header.get_xyzt_units())}
         elif suffix in (".nrrd", ".nhdr"):
             arr, header = nrrd.read(str(path))
             spacing = _nrrd_spacing(header, arr.ndim)
@@ -374,13 +375,17 @@ def load_case(
     label = None
     if with_label and ref.label is not None:
         _require_file(ref.label, "label")
-        lab, _, _ = _read_any(Path(ref.label), "label", as_label=True)
+        lab, lab_spacing, lab_extra = _read_any(Path(ref.label), "label", as_label=True)
         lab = _label_2d(lab, ref.label) if ndim == 2 else lab
         if lab.shape != spatial:
             raise InputError(
                 f"{ref.label}: label shape {tuple(lab.shape)} does not match image shape "
                 f"{tuple(spatial)} of {ref.image}"
             )
+        mismatch = geometry_mismatch(geometry_of(extra, spacing), geometry_of(lab_extra, lab_spacing))
+        if mismatch:
+            raise InputError(f"{ref.label}: label geometry differs from its image {ref.image} ({mismatch}) in case "
+                             f"{ref.id!r}")
         lab = _as_int(lab, ref.label)
         if binarize or (binarize is None and _label_rule(Path(ref.label)) == "binary"):
             lab = (lab > 0).astype(np.int64)
@@ -397,6 +402,57 @@ def load_case(
         label = lab
     meta = {"format": ref.format, "suffix": _suffix(Path(ref.image)), **extra}
     return Case(ref.id, image, label, spacing or (1.0,) * ndim, str(ref.image), meta)
+
+
+def geometry_of(extra: dict, spacing: tuple[float, ...] | None) -> np.ndarray | None:
+    """A file's voxel-to-world matrix (4x4 for NIfTI and NRRD; spacing alone, as a diagonal, for HDF5), or None
+    where the format stores no geometry (2D images)."""
+    if "affine" in extra:
+        return np.asarray(extra["affine"], dtype=float)
+    header = extra.get("header") or {}
+    if header.get("space directions") is not None:
+        rows = [np.asarray(r, dtype=float) for r in header["space directions"] if r is not None]
+        if len(rows) == 3 and all(np.isfinite(r).all() for r in rows):
+            affine = np.eye(4)
+            affine[:3, :3] = np.stack(rows, axis=1)
+            affine[:3, 3] = np.asarray(header.get("space origin", [0, 0, 0]), dtype=float)
+            return affine
+    return np.diag([*spacing, 1.0]) if spacing and len(spacing) == 3 else None
+
+
+def geometry_mismatch(a: np.ndarray | None, b: np.ndarray | None, *, tolerance: float = 1e-3) -> str | None:
+    """Where two geometries differ beyond `tolerance` (relative to the voxel size): spacing, direction or origin;
+    None if they agree or either is unknown."""
+    if a is None or b is None:
+        return None
+    size = max(float(np.abs(a[:3, :3]).max()), 1e-6)
+    spacing_a, spacing_b = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
+    if not np.allclose(spacing_a, spacing_b, atol=tolerance * size):
+        return f"spacing {np.round(spacing_a, 4).tolist()} vs {np.round(spacing_b, 4).tolist()}"
+    if not np.allclose(a[:3, :3], b[:3, :3], atol=tolerance * size):
+        return "direction (orientation) differs"
+    if not np.allclose(a[:3, 3], b[:3, 3], atol=tolerance * size * 10):
+        return f"origin {np.round(a[:3, 3], 3).tolist()} vs {np.round(b[:3, 3], 3).tolist()}"
+    return None
+
+
+def read_geometry(path: str | Path) -> np.ndarray | None:
+    """geometry_of a file, reading its header only where the format allows."""
+    path = Path(path)
+    suffix = _suffix(path)
+    with _reading(path):
+        if suffix in (".nii", ".nii.gz"):
+            img = nib.load(str(path))
+            return geometry_of({"affine": img.affine.tolist()}, None)
+        if suffix in (".nrrd", ".nhdr"):
+            header = nrrd.read_header(str(path))
+            return geometry_of({"header": _plain(dict(header))}, _nrrd_spacing(header, int(header["dimension"])))
+        if suffix in H5_EXTS:
+            with h5py.File(path, "r") as f:
+                name = "label" if "label" in f else next(iter(f.keys()), None)
+                spacing = _h5_spacing(f, name, f[name].ndim) if name else None
+            return geometry_of({}, spacing)
+    return None
 
 
 def read_mask(path: str | Path, *, num_classes: int = 2) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -455,6 +511,10 @@ def _write_now(kind: str, path: Path, arr: np.ndarray, case: Case, dataset: str,
         affine = np.asarray(case.meta.get("affine", np.diag([*case.spacing, 1.0])), dtype=float)
         img = nib.Nifti1Image(arr, affine)
         img.header.set_data_dtype(arr.dtype)
+        # the input's header codes: a viewer then places the mask exactly where it placed the image
+        img.set_qform(affine, code=int(case.meta.get("qform_code", 1)))
+        img.set_sform(affine, code=int(case.meta.get("sform_code", 1)))
+        img.header.set_xyzt_units(*case.meta.get("xyzt_units", ("mm", "sec")))
         nib.save(img, str(path))
     elif kind == "nrrd":
         src = case.meta.get("header") or {"spacings": list(case.spacing)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,15 @@ from tqdm.auto import tqdm
 
 from ..data.case import Case
 from ..data.pipeline import SUFFIX_FORMATS, file_suffix, input_refs, load_cases, require_labels
-from ..data.readers import load_case, mask_path, read_mask, write_array, write_mask
+from ..data.readers import (
+    geometry_mismatch,
+    load_case,
+    mask_path,
+    read_geometry,
+    read_mask,
+    write_array,
+    write_mask,
+)
 from ..errors import InputError
 from .inference import segment
 from .metrics import METRICS, case_metrics, summarize
@@ -51,25 +60,37 @@ def mask_files(folder: str | Path) -> dict[str, Path]:
     return files
 
 
-def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 2) -> dict:
-    """Score every ground-truth mask against the prediction of the same name."""
+def evaluate_folders(pred_dir, gt_dir, *, num_classes: int = 2, ignore_geometry: bool = False,
+                     warn=lambda line: print(line, file=sys.stderr)) -> dict:
+    """Score every ground-truth mask against the prediction of the same name. Prediction and reference must lie
+    on the same grid in space (spacing, direction, origin), unless `ignore_geometry`; predictions without a
+    reference are named in a warning and in the report."""
     pred, gt = mask_files(pred_dir), mask_files(gt_dir)
     missing = sorted(set(gt) - set(pred))
     if missing:
         raise InputError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s), e.g. {missing[0]}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise InputError(f"--num-classes: {num_classes!r} must be at least 2 (background included)")
+    extra = sorted(set(pred) - set(gt))
+    if extra:
+        warn(f"warning: {len(extra)} prediction(s) in {pred_dir} have no reference in {gt_dir} and are not scored "
+             f"(e.g. {pred[extra[0]].name})")
     pairs = {k: (read_mask(pred[k]), read_mask(gt[k])) for k in gt}  # read and check everything first
     for k, ((p, _), (g, _)) in pairs.items():
         if p.shape != g.shape:
             raise InputError(f"{pred[k]}: shape {p.shape} does not match the ground truth {gt[k]} {g.shape}")
+        mismatch = None if ignore_geometry else geometry_mismatch(read_geometry(pred[k]), read_geometry(gt[k]))
+        if mismatch:
+            raise InputError(f"{pred[k]}: not on the grid of its reference {gt[k]} ({mismatch}); resample it, or "
+                             "pass --ignore-geometry to score the voxel arrays as they are")
         for path, arr in ((pred[k], p), (gt[k], g)):
             bad = np.unique(arr[(arr < 0) | (arr >= num_classes)])
             if bad.size:
                 raise InputError(f"{path}: label value(s) {bad[:5].tolist()} outside 0..{num_classes - 1}")
     per_case = {k: case_metrics(p, g, num_classes=num_classes, spacing=spacing)
                 for k, ((p, _), (g, spacing)) in pairs.items()}
-    return report(per_case, pred=str(pred_dir), gt=str(gt_dir))
+    return report(per_case, pred=str(pred_dir), gt=str(gt_dir), unscored_predictions=extra,
+                  geometry="ignored" if ignore_geometry else "checked")
 
 
 def check_output_dir(out_dir: str | Path) -> Path:
