@@ -35,10 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,  # seeds the split shuffle, the initial weights and every training sample
     "method": "supervised",  # supervised | fully-supervised | pretrain | cotrain | superdiffusion
     "data": {
-        "format": "synthetic",  # la | volumes | folders | glas | ph2 | synthetic
+        "format": "synthetic",  # la | volumes | nnunet | folders | glas | ph2 | synthetic
         "root": None,  # dataset folder; relative paths are resolved against the current directory
         "list": None,  # optional list file of case ids (relative to root if not found as given)
-        "subset": None,  # glas only: train | testA | testB | test
+        "subset": None,  # glas: train | testA | testB | test; nnunet: train (imagesTr) | test (imagesTs)
         "dims": 2,  # network dimensionality; 2 with a 3D source means slices (split by case)
         "slice_axis": 2,  # spatial axis of 3D volumes that 2D slices are cut along (LA: 2 = axial z)
         "num_classes": 2,  # K, background included; labels must lie in 0..K-1

@@ -19,7 +19,8 @@ class CaseRef:
     id: str
     image: Path
     label: Path | None
-    format: str  # "la-h5" | "nifti" | "nrrd" | "image2d"
+    format: str  # "la-h5" | "nifti" | "nrrd" | "mha" | "image2d"
+    channels: tuple[Path, ...] = ()  # further channels of a multi-channel case (nnU-Net's <id>_0001...), in order
 
 
 @dataclass

@@ -8,6 +8,7 @@ different data, without saving any loader state.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .case import Case, CaseRef
 from .perturb import PhotometricView
-from .readers import discover, load_case
+from .readers import discover, load_case, read_dataset_json
 from .splits import make_split
 from .synthetic import make_synthetic_dataset
 
@@ -105,6 +106,12 @@ def list_refs(data_cfg: dict) -> list[CaseRef]:
         return []
     if not data_cfg["root"]:
         raise InputError(f"data.root: required for format {data_cfg['format']!r}")
+    if data_cfg["format"] == "nnunet":  # the dataset's own label count decides; say so before any work
+        spec = read_dataset_json(Path(data_cfg["root"]))
+        if spec["num_classes"] != data_cfg["num_classes"]:
+            raise InputError(f"{Path(data_cfg['root']) / 'dataset.json'}: lists {spec['num_classes']} labels "
+                             f"(background included), data.num_classes is {data_cfg['num_classes']}; set "
+                             f"data.num_classes={spec['num_classes']}")
     return discover(data_cfg["format"], data_cfg["root"], data_cfg["list"], data_cfg["subset"])
 
 
@@ -244,8 +251,9 @@ def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generato
 
 
 SUFFIX_FORMATS = {".h5": "la-h5", ".hdf5": "la-h5", ".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd",
-                  ".nhdr": "nrrd", ".png": "image2d", ".tif": "image2d", ".tiff": "image2d",
-                  ".bmp": "image2d", ".jpg": "image2d", ".jpeg": "image2d"}
+                  ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha", ".png": "image2d", ".tif": "image2d",
+                  ".tiff": "image2d", ".bmp": "image2d", ".jpg": "image2d", ".jpeg": "image2d"}
+NNUNET_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 
 
 def file_suffix(path: Path) -> str:
@@ -266,15 +274,38 @@ def ref_for_file(path: str | Path) -> CaseRef:
 
 
 def input_refs(inputs: list[str | Path]) -> list[CaseRef]:
-    """Files as given; a folder contributes its image files (and LA-style `<id>/mri_norm2.h5`)."""
+    """Files as given; a folder contributes its image files (and LA-style `<id>/mri_norm2.h5`). nnU-Net's channel
+    files `<case>_0000`, `<case>_0001`, ... become one case `<case>` with its channels in order, so predictions are
+    named `<case><ending>`, as labelsTr's are."""
     refs: list[CaseRef] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and file_suffix(p) in SUFFIX_FORMATS)
+            found = sorted(p for p in item.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and file_suffix(p) in SUFFIX_FORMATS)
             found += sorted(item.glob("*/mri_norm2.h5"))
             if not found:
                 raise InputError(f"{item}: no image files found in this folder")
             refs += [ref_for_file(p) for p in found]
         else:
             refs.append(ref_for_file(item))
-    return refs
+    return group_channels(refs)
+
+
+def group_channels(refs: list[CaseRef]) -> list[CaseRef]:
+    """Refs whose ids end in _XXXX (nnU-Net's channel number) grouped into one multi-channel ref per case."""
+    groups: dict[str, dict[int, CaseRef]] = {}
+    out: list[CaseRef] = []
+    for ref in refs:
+        m = NNUNET_CHANNEL.match(ref.id)
+        if m is None:
+            out.append(ref)
+        else:
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = ref
+    for case, channels in groups.items():
+        order = sorted(channels)
+        if order != list(range(len(order))):
+            raise InputError(f"{channels[order[0]].image}: case {case!r} has channel files {order}; nnU-Net channels "
+                             "are numbered _0000, _0001, ... without gaps")
+        first = channels[0]
+        out.append(CaseRef(case, first.image, None, first.format, tuple(channels[c].image for c in order[1:])))
+    return out

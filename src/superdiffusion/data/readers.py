@@ -24,8 +24,9 @@ from PIL import Image
 from ..errors import InputError
 from .case import Case, CaseRef
 
-FORMATS = ("la", "volumes", "folders", "glas", "ph2")
-VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+FORMATS = ("la", "volumes", "nnunet", "folders", "glas", "ph2")
+VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+ITK_EXTS = (".mha", ".mhd")
 IMAGE2D_EXTS = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 H5_EXTS = (".h5", ".hdf5")
 LA_FILE = "mri_norm2.h5"
@@ -42,7 +43,8 @@ _GLAS_ANNO = re.compile(r"^(train|testA|testB)_\d+_anno$")
 _NNUNET_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 _LABEL_SUFFIXES = ("", "_mask", "_label", "_anno", "_segmentation")  # 2D mask names seen in the wild
 _NRRD_GEOMETRY = ("space", "space directions", "space origin", "spacings", "space units")
-_SPATIAL_DIMS = {"la-h5": 3, "nifti": 3, "nrrd": 3, "image2d": 2}
+_SPATIAL_DIMS = {"la-h5": 3, "nifti": 3, "nrrd": 3, "mha": 3, "image2d": 2}
+NNUNET_SUBSETS = {None: "Tr", "all": "Tr", "train": "Tr", "test": "Ts"}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -133,10 +135,65 @@ def _discover_volumes(root: Path) -> dict[str, CaseRef]:
             renamed[m.group(1)] = p
         images = renamed
     labels = _files(lab_dir, VOLUME_EXTS) if lab_dir else {}
-    return {
-        i: CaseRef(i, p, labels.get(i), "nifti" if _suffix(p).startswith(".nii") else "nrrd")
-        for i, p in images.items()
-    }
+    return {i: CaseRef(i, p, labels.get(i), volume_format(p)) for i, p in images.items()}
+
+
+def volume_format(path: Path) -> str:
+    suffix = _suffix(path)
+    return "nifti" if suffix.startswith(".nii") else "mha" if suffix in ITK_EXTS else "nrrd"
+
+
+def read_dataset_json(root: Path) -> dict:
+    """nnU-Net v2's dataset.json (the Medical Segmentation Decathlon's raw layout): channel_names, labels,
+    file_ending; checked, one line naming the file for anything this package cannot follow."""
+    import json
+
+    path = root / "dataset.json"
+    if not path.is_file():
+        raise InputError(f"{root}: no dataset.json (format nnunet is nnU-Net v2's raw layout)")
+    with _reading(path):
+        spec = json.loads(path.read_text())
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in spec:
+            raise InputError(f"{path}: no {key!r} entry")
+    labels = spec["labels"]
+    if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        raise InputError(f"{path}: 'labels' must map names to integer values (region-based labels are not supported)")
+    values = sorted(labels.values())
+    if values != list(range(len(values))) or values[0] != 0:
+        raise InputError(f"{path}: 'labels' must be 0 (background), 1, 2, ... without gaps, got {values}")
+    if spec["file_ending"] not in VOLUME_EXTS:
+        raise InputError(f"{path}: file_ending {spec['file_ending']!r} is not supported ({', '.join(VOLUME_EXTS)})")
+    return {"channels": len(spec["channel_names"]), "num_classes": len(values), "file_ending": spec["file_ending"],
+            "labels": labels, "channel_names": spec["channel_names"]}
+
+
+def _discover_nnunet(root: Path, subset: str | None) -> dict[str, CaseRef]:
+    spec = read_dataset_json(root)
+    part = NNUNET_SUBSETS[subset]
+    img_dir, lab_dir, ending = root / f"images{part}", root / f"labels{part}", spec["file_ending"]
+    if not img_dir.is_dir():
+        raise InputError(f"{img_dir}: folder not found (nnU-Net layout: images{part}/<case>_0000{ending})")
+    files: dict[str, dict[int, Path]] = {}
+    for p in sorted(img_dir.iterdir()):
+        if p.name.startswith(".") or not p.name.endswith(ending):
+            continue
+        m = _NNUNET_CHANNEL.match(p.name[: -len(ending)])
+        if m is None:
+            raise InputError(f"{p}: nnU-Net image names end in _XXXX (the channel number) before {ending}")
+        files.setdefault(m.group(1), {})[int(m.group(2))] = p
+    refs = {}
+    for case, channels in files.items():
+        missing = [c for c in range(spec["channels"]) if c not in channels]
+        if missing or len(channels) != spec["channels"]:
+            raise InputError(f"{img_dir}: case {case!r} has channel files {sorted(channels)}, dataset.json names "
+                             f"{spec['channels']} channel(s) (missing _{missing[0]:04d})" if missing else
+                             f"{img_dir}: case {case!r} has more channel files than dataset.json's {spec['channels']}")
+        label = lab_dir / f"{case}{ending}"
+        ordered = [channels[c] for c in range(spec["channels"])]
+        refs[case] = CaseRef(case, ordered[0], label if label.is_file() else None, volume_format(ordered[0]),
+                             tuple(ordered[1:]))
+    return refs
 
 
 def _discover_folders(root: Path) -> dict[str, CaseRef]:
@@ -214,8 +271,10 @@ def discover(
         raise InputError(f"unknown data format {fmt!r}; known formats: {', '.join(FORMATS)}")
     if subset not in GLAS_SUBSETS:
         raise InputError(f"unknown subset {subset!r}; known: {', '.join(str(s) for s in GLAS_SUBSETS)}")
-    if subset not in (None, "all") and fmt != "glas":
-        raise InputError(f"subset {subset!r} applies to format glas only, not {fmt}")
+    if subset not in (None, "all") and fmt not in ("glas", "nnunet"):
+        raise InputError(f"subset {subset!r} applies to formats glas and nnunet only, not {fmt}")
+    if fmt == "nnunet" and subset not in NNUNET_SUBSETS:
+        raise InputError(f"subset {subset!r}: format nnunet has train (imagesTr) and test (imagesTs)")
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: data root {'is not a folder' if root.exists() else 'does not exist'}")
@@ -227,8 +286,8 @@ def discover(
                 "folders": _discover_folders,
                 "ph2": _discover_ph2,
             }[fmt](root)
-            if fmt != "glas"
-            else _discover_glas(root, subset)
+            if fmt not in ("glas", "nnunet")
+            else _discover_glas(root, subset) if fmt == "glas" else _discover_nnunet(root, subset)
         )
     if list_file is not None:
         list_path, ids = _read_list(list_file, root)
@@ -285,6 +344,14 @@ def _read_any(
             spacing = tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
             extra = {"affine": img.affine.tolist(), "qform_code": int(img.header["qform_code"]),
                      "sform_code": int(img.header["sform_code"]), "xyzt_units": list(img.header.get_xyzt_units())}
+        elif suffix in ITK_EXTS:
+            import SimpleITK as sitk  # noqa: N813 - the library's own spelling
+
+            img = sitk.ReadImage(str(path))
+            arr = sitk.GetArrayFromImage(img).transpose()  # ITK's (z, y, x) -> (x, y, z), as NIfTI's arrays
+            spacing = tuple(float(v) for v in img.GetSpacing())
+            extra = {"itk": {"origin": list(img.GetOrigin()), "spacing": list(img.GetSpacing()),
+                             "direction": list(img.GetDirection())}}
         elif suffix in (".nrrd", ".nhdr"):
             arr, header = nrrd.read(str(path))
             spacing = _nrrd_spacing(header, arr.ndim)
@@ -368,6 +435,16 @@ def load_case(
         raise InputError(f"{ref.image}: expected a 3D volume (X, Y, Z), got shape {raw.shape}")
     if not np.issubdtype(image.dtype, np.number) and image.dtype != bool:
         raise InputError(f"{ref.image}: image has non-numeric type {image.dtype}")
+    for path in ref.channels:  # further channels: same grid as the first
+        _require_file(path, "image channel")
+        more, more_spacing, more_extra = _read_any(Path(path), "image", as_label=False)
+        if more.shape != image.shape[1:]:
+            raise InputError(f"{path}: channel shape {tuple(more.shape)} differs from {ref.image}'s "
+                             f"{tuple(image.shape[1:])} in case {ref.id!r}")
+        mismatch = geometry_mismatch(geometry_of(extra, spacing), geometry_of(more_extra, more_spacing))
+        if mismatch:
+            raise InputError(f"{path}: channel geometry differs from {ref.image} ({mismatch}) in case {ref.id!r}")
+        image = np.concatenate([image, np.asarray(more, dtype=np.float32)[None]])
     image = np.ascontiguousarray(image, dtype=np.float32)
     if not np.isfinite(image).all():
         raise InputError(f"{ref.image}: image contains NaN or Inf values")
@@ -409,6 +486,13 @@ def geometry_of(extra: dict, spacing: tuple[float, ...] | None) -> np.ndarray | 
     where the format stores no geometry (2D images)."""
     if "affine" in extra:
         return np.asarray(extra["affine"], dtype=float)
+    if "itk" in extra:
+        itk = extra["itk"]
+        n = len(itk["spacing"])
+        affine = np.eye(4)
+        affine[:n, :n] = np.asarray(itk["direction"], dtype=float).reshape(n, n) @ np.diag(itk["spacing"])
+        affine[:n, 3] = itk["origin"]
+        return affine
     header = extra.get("header") or {}
     if header.get("space directions") is not None:
         rows = [np.asarray(r, dtype=float) for r in header["space directions"] if r is not None]
@@ -444,6 +528,14 @@ def read_geometry(path: str | Path) -> np.ndarray | None:
         if suffix in (".nii", ".nii.gz"):
             img = nib.load(str(path))
             return geometry_of({"affine": img.affine.tolist()}, None)
+        if suffix in ITK_EXTS:
+            import SimpleITK as sitk  # noqa: N813 - the library's own spelling
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            return geometry_of({"itk": {"origin": reader.GetOrigin(), "spacing": reader.GetSpacing(),
+                                        "direction": reader.GetDirection()}}, None)
         if suffix in (".nrrd", ".nhdr"):
             header = nrrd.read_header(str(path))
             return geometry_of({"header": _plain(dict(header))}, _nrrd_spacing(header, int(header["dimension"])))
@@ -470,8 +562,8 @@ def read_mask(path: str | Path, *, num_classes: int = 2) -> tuple[np.ndarray, tu
 def _target(case: Case, *, float_map: bool) -> tuple[str, str]:
     """(writer, extension) for a case: the input's own format; synthetic cases get NIfTI / PNG."""
     fmt = case.meta.get("format")
-    if fmt in ("la-h5", "nifti", "nrrd"):
-        return fmt, {"la-h5": ".h5", "nifti": ".nii.gz", "nrrd": ".nrrd"}[fmt]
+    if fmt in ("la-h5", "nifti", "nrrd", "mha"):
+        return fmt, {"la-h5": ".h5", "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}[fmt]
     if case.spatial_dims == 3:
         return "nifti", ".nii.gz"
     if float_map:
@@ -528,6 +620,16 @@ def _write_now(kind: str, path: Path, arr: np.ndarray, case: Case, dataset: str,
             if k in src
         }
         nrrd.write(str(path), arr, {**header, "encoding": "gzip"})
+    elif kind == "mha":
+        import SimpleITK as sitk  # noqa: N813 - the library's own spelling
+
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose()))  # back to ITK's (z, y, x)
+        itk = case.meta.get("itk") or {"origin": [0.0] * arr.ndim, "spacing": list(case.spacing),
+                                       "direction": list(np.eye(arr.ndim).ravel())}
+        img.SetOrigin(itk["origin"])
+        img.SetSpacing(itk["spacing"])
+        img.SetDirection(itk["direction"])
+        sitk.WriteImage(img, str(path), True)
     elif kind == "tif":
         tifffile.imwrite(path, arr)
     elif dataset == "label" and num_classes > 2:  # class indices in a palette image: distinct colours in a viewer
