@@ -46,6 +46,12 @@ DEFAULTS: dict[str, Any] = {
         # fixed size per spatial axis that every case is resampled to, e.g. [96, 96, null] (null keeps that axis);
         # null = none. Either scale or size. Predictions are resampled back to each case's own grid.
         "size": None,
+        # target voxel size per spatial axis (in the files' units, e.g. [1.0, 1.0, 1.0] mm; null keeps an axis): every
+        # case resampled to it, as nnU-Net and MONAI's Spacing do; null = none. One of scale, size, spacing.
+        "spacing": None,
+        # turn every 3D case with a geometry (NIfTI, NRRD, MHA) to these axis codes first, e.g. RAS (MONAI's
+        # Orientation); predictions are turned back. null = the files' own voxel order. slice_axis counts axes after it
+        "orientation": None,
         "intensity": "percentile",  # percentile: clip to [0.5, 99.5] % and map to [-1, 1]; zscore
         "synthetic": {"cases": 24, "shape": [64, 64], "seed": 0},  # the built-in demo data
     },

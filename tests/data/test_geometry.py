@@ -74,3 +74,53 @@ def test_evaluate_refuses_predictions_off_the_reference_grid(tmp_path, capsys):
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(gt), "--ignore-geometry"]) == 0
     report = capsys.readouterr().out
     assert '"unscored_predictions": [\n  "c9"\n ]' in report and '"geometry": "ignored"' in report
+
+
+def _oblique_case(tmp_path):
+    """A NIfTI volume stored LPS-like with permuted axes: voxel axis 0 runs along S, 1 along -R (L), 2 along -A."""
+    affine = np.array([[0, -0.5, 0, 50.0], [0, 0, -1.0, 20.0], [2.0, 0, 0, -10.0], [0, 0, 0, 1]])
+    rng = np.random.default_rng(1)
+    image = rng.standard_normal((6, 20, 10)).astype(np.float32)
+    label = (image > 1).astype(np.uint8)
+    _nii(tmp_path / "images" / "c1.nii.gz", image, affine)
+    _nii(tmp_path / "labels" / "c1.nii.gz", label, affine)
+    (ref,) = discover("volumes", tmp_path)
+    return load_case(ref), affine
+
+
+def test_orientation_turns_cases_to_ras_and_predictions_back(tmp_path):
+    from superdiffusion.config import load_config
+    from superdiffusion.data.pipeline import WorkingGrid, prepare_case
+    from superdiffusion.evaluation.inference import predict_probabilities
+
+    case, affine = _oblique_case(tmp_path)
+    data_cfg = load_config(None, ["data.orientation=RAS"])["data"]
+    grid = WorkingGrid(case, data_cfg)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(case.image[0], affine))
+    working = grid.to_working(case.image)
+    assert np.array_equal(working[0], np.asarray(canonical.dataobj))  # nibabel's own RAS reorientation
+    assert grid.spacing == pytest.approx(canonical.header.get_zooms())
+    assert np.array_equal(grid.to_case(working).numpy(), case.image)
+    prepared = prepare_case(case, data_cfg)
+    assert prepared.image.shape[1:] == canonical.shape and prepared.label.sum() == case.label.sum()
+
+    def pointwise(x):  # a voxel-wise "network": its prediction must not depend on the voxel order
+        return torch.cat([-x[:, :1], x[:, :1]], dim=1)
+
+    import torch
+
+    turned = predict_probabilities(pointwise, case, data_cfg=data_cfg, dims=3, patch=[8, 8, 8])
+    plain = predict_probabilities(pointwise, case, data_cfg=load_config(None, [])["data"], dims=3, patch=[8, 8, 8])
+    assert turned.shape == (2, *case.spatial_shape) and np.allclose(turned, plain, atol=1e-5)
+
+
+def test_target_spacing_resamples_by_the_cases_voxel_size(tmp_path):
+    from superdiffusion.config import load_config
+    from superdiffusion.data.pipeline import prepare_case
+
+    case, _ = _oblique_case(tmp_path)
+    cfg = load_config(None, ["data.orientation=RAS", "data.spacing=[1.0, 1.0, 1.0]"])["data"]
+    prepared = prepare_case(case, cfg)  # RAS: 20 x 0.5 mm, 10 x 1 mm, 6 x 2 mm -> 1 mm everywhere
+    assert prepared.image.shape == (1, 10, 10, 12) and prepared.label.shape == (10, 10, 12)
+    with pytest.raises(InputError, match="data.scale, data.size and data.spacing"):
+        prepare_case(case, {**cfg, "size": [8, 8, 8]})

@@ -173,5 +173,5 @@ def test_bad_data_size_is_one_line_naming_the_key(size, message):
     case = make_synthetic_case(2, dims=3, shape=(10, 10, 8))
     with pytest.raises(InputError, match=f"data.size.*{message}"):
         prepare_image(case.image, {**_data_cfg(), "size": size})
-    with pytest.raises(InputError, match="data.scale and data.size"):
+    with pytest.raises(InputError, match="data.scale, data.size and data.spacing"):
         prepare_image(case.image, {**_data_cfg(), "size": [8, 8, None], "scale": [0.5, 0.5, 1.0]})

@@ -55,13 +55,22 @@ def scaled_shape(shape: tuple[int, ...], scale: list[float] | None) -> tuple[int
     return tuple(max(1, round(s * f)) for s, f in zip(shape, scale))
 
 
-def target_shape(shape: tuple[int, ...], data_cfg: dict) -> tuple[int, ...]:
-    """The spatial shape a case is resampled to: `data.size` (null entries keep an axis) or `data.scale`."""
-    size = data_cfg["size"]
+def target_shape(shape: tuple[int, ...], data_cfg: dict, spacing: tuple[float, ...] | None = None) -> tuple[int, ...]:
+    """The spatial shape a case is resampled to: `data.size` (null entries keep an axis), `data.spacing` (a target
+    voxel size: needs the case's `spacing`) or `data.scale`."""
+    size, target = data_cfg["size"], data_cfg.get("spacing")
+    if sum(v is not None for v in (size, target, data_cfg["scale"])) > 1:
+        raise InputError("data.scale, data.size and data.spacing: set one of them (a factor, a fixed size or a "
+                         "target voxel size)")
+    if target is not None:
+        if not isinstance(target, list) or len(target) != len(shape) or any(
+                t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or t <= 0) for t in target):
+            raise InputError(f"data.spacing: {target!r} must list {len(shape)} positive voxel sizes (null keeps an "
+                             "axis)")
+        have = spacing or (1.0,) * len(shape)
+        return tuple(n if t is None else max(1, round(n * h / t)) for n, h, t in zip(shape, have, target))
     if size is None:
         return scaled_shape(shape, data_cfg["scale"])
-    if data_cfg["scale"] is not None:
-        raise InputError("data.scale and data.size: set one of them (a factor or a fixed size), not both")
     if not isinstance(size, list) or len(size) != len(shape) or \
             any(s is not None and (not isinstance(s, int) or isinstance(s, bool) or s < 1) for s in size):
         raise InputError(f"data.size: {size!r} must list {len(shape)} positive sizes (null keeps an axis) for "
@@ -69,10 +78,47 @@ def target_shape(shape: tuple[int, ...], data_cfg: dict) -> tuple[int, ...]:
     return tuple(n if s is None else s for s, n in zip(size, shape))
 
 
-def prepare_image(image: np.ndarray, data_cfg: dict) -> np.ndarray:
-    """Intensity normalisation and resampling: what the networks see, in training and inference."""
+def prepare_image(image: np.ndarray, data_cfg: dict, spacing: tuple[float, ...] | None = None) -> np.ndarray:
+    """Intensity normalisation and resampling: what the networks see, in training and inference (`image` already
+    on the working grid: see `working_grid`)."""
     image = normalize(image, data_cfg["intensity"])
-    return resize(image, target_shape(image.shape[1:], data_cfg)).numpy()
+    return resize(image, target_shape(image.shape[1:], data_cfg, spacing)).numpy()
+
+
+class WorkingGrid:
+    """A case's voxels turned to `data.orientation` (e.g. RAS, as MONAI's Orientation transform and nnU-Net do),
+    and back: what training sees and what predictions are mapped back from. The identity without
+    `data.orientation`, or for cases without a geometry (2D images, HDF5 without an affine)."""
+
+    def __init__(self, case: Case, data_cfg: dict):
+        from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+        from .readers import geometry_of
+
+        self.shape, self.spacing, self.forward, self.backward = case.spatial_shape, case.spacing, None, None
+        codes = data_cfg.get("orientation")
+        affine = geometry_of(case.meta, case.spacing) if codes and case.spatial_dims == 3 else None
+        if affine is not None and any(k in case.meta for k in ("affine", "itk", "header")):
+            current = io_orientation(affine)
+            self.forward = ornt_transform(current, axcodes2ornt(tuple(codes.upper())))
+            self.backward = ornt_transform(axcodes2ornt(tuple(codes.upper())), current)
+            turned = affine @ inv_ornt_aff(self.forward, self.shape)
+            self.spacing = tuple(float(v) for v in np.linalg.norm(turned[:3, :3], axis=0))
+
+    def to_working(self, array: np.ndarray) -> np.ndarray:
+        """(C, *spatial) on the case's grid -> the working grid."""
+        from nibabel.orientations import apply_orientation
+
+        return array if self.forward is None else np.stack([apply_orientation(a, self.forward) for a in array])
+
+    def to_case(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(C, *spatial) on the working grid -> the case's own grid."""
+        from nibabel.orientations import apply_orientation
+
+        if self.backward is None:
+            return torch.as_tensor(array)
+        array = np.asarray(torch.as_tensor(array).cpu())
+        return torch.from_numpy(np.ascontiguousarray(np.stack([apply_orientation(a, self.backward) for a in array])))
 
 
 def pad_value(image: np.ndarray | torch.Tensor) -> float:
@@ -82,11 +128,12 @@ def pad_value(image: np.ndarray | torch.Tensor) -> float:
 
 
 def prepare_case(case: Case, data_cfg: dict) -> Case:
-    image = prepare_image(case.image, data_cfg)
+    grid = WorkingGrid(case, data_cfg)
+    image = prepare_image(grid.to_working(case.image), data_cfg, grid.spacing)
     label = None
     if case.label is not None:
-        label = resize(case.label[None], image.shape[1:], nearest=True)[0].long().numpy()
-    return Case(case.id, image, label, case.spacing, case.source, case.meta)
+        label = resize(grid.to_working(case.label[None]), image.shape[1:], nearest=True)[0].long().numpy()
+    return Case(case.id, image, label, grid.spacing, case.source, case.meta)
 
 
 @dataclass

@@ -40,6 +40,13 @@ def check_config(cfg: dict) -> None:
         raise InputError(f"data.num_classes: {d['num_classes']!r} must be an integer >= 2")
     if not isinstance(t["patch"], list) or len(t["patch"]) != d["dims"]:
         raise InputError(f"train.patch: {t['patch']!r} must list {d['dims']} sizes")
+    codes = d["orientation"]
+    if codes is not None and not (isinstance(codes, str) and len(codes) == 3 and
+                                  {c.upper() for c in codes} in ({"R", "A", "S"}, {"L", "P", "S"}, {"L", "A", "S"},
+                                                                 {"R", "P", "S"}, {"R", "A", "I"}, {"L", "P", "I"},
+                                                                 {"L", "A", "I"}, {"R", "P", "I"})):
+        raise InputError(f"data.orientation: {codes!r} must be three axis codes, one per direction, such as RAS "
+                         "or LPS")
     m = cfg["model"]
     if m["arch"] not in ARCHS:
         raise InputError(f"model.arch: unknown {m['arch']!r} ({', '.join(ARCHS)})")

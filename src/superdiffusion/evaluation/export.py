@@ -373,6 +373,9 @@ def logits_module(method: Method, name: str, cfg: dict) -> nn.Module:
 
 def build_segmenter(method: Method, name: str, cfg: dict) -> Segmenter:
     d, ec = cfg["data"], cfg["eval"]
+    if d["orientation"] or d["spacing"]:
+        raise InputError("export: the exported model takes a bare tensor, without the geometry that "
+                         "data.orientation and data.spacing need; predict with `superdiffusion predict` instead")
     method.eval()
     seg = Segmenter(logits_module(method, name, cfg), net_dims=d["dims"], intensity=d["intensity"], scale=d["scale"],
                     size=d["size"], slice_axis=d["slice_axis"], patch=cfg["train"]["patch"], overlap=ec["overlap"],

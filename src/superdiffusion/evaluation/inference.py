@@ -13,7 +13,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ..data.case import Case
-from ..data.pipeline import pad_value, prepare_image, resize
+from ..data.pipeline import WorkingGrid, pad_value, prepare_image, resize
 from .metrics import case_metrics
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -25,7 +25,9 @@ def probabilities_tensor(logits_fn: LogitsFn, case: Case, *, data_cfg: dict, dim
                          ) -> torch.Tensor:
     """Class probabilities (K, *spatial) of a raw case at its original resolution, left on `device`, where the
     windows ran: a GPU then also resamples (and thresholds) the volume instead of the host."""
-    image = torch.from_numpy(prepare_image(case.image, data_cfg))
+    grid = WorkingGrid(case, data_cfg)
+    working = grid.to_working(case.image)
+    image = torch.from_numpy(prepare_image(working, data_cfg, grid.spacing))
     roi = tuple(int(p) for p in patch)
     fill = pad_value(image)
 
@@ -44,7 +46,8 @@ def probabilities_tensor(logits_fn: LogitsFn, case: Case, *, data_cfg: dict, dim
         probs = probs.movedim(0, axis)  # (K, ... , S at axis ...)
     else:
         probs = run(image[None])[0]
-    return resize(probs, case.spatial_shape)
+    probs = resize(probs, working.shape[1:])
+    return probs if grid.backward is None else grid.to_case(probs).to(probs.device)
 
 
 def predict_probabilities(logits_fn: LogitsFn, case: Case, **options) -> np.ndarray:
