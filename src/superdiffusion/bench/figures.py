@@ -130,7 +130,7 @@ def _slice_case(case: Case, cfg: dict) -> tuple[Case, dict, int]:
     if not (d["dims"] == 2 and case.spatial_dims == 3):
         return case, d, d["dims"]
     axis = d["slice_axis"]
-    k = _best_slice(case.label, axis)
+    k = best_slice(case.label, axis)
     scale = None if d["scale"] is None else [s for a, s in enumerate(d["scale"]) if a != axis]
     size = None if d["size"] is None else [s for a, s in enumerate(d["size"]) if a != axis]
     spacing = tuple(s for a, s in enumerate(case.spacing) if a != axis)
@@ -139,7 +139,8 @@ def _slice_case(case: Case, cfg: dict) -> tuple[Case, dict, int]:
     return sliced, {**copy.deepcopy(d), "scale": scale, "size": size}, 2
 
 
-def _best_slice(volume_label: np.ndarray, axis: int) -> int:
+def best_slice(volume_label: np.ndarray, axis: int) -> int:
+    """The slice along `axis` with the most foreground."""
     return int(np.argmax((volume_label > 0).sum(axis=tuple(a for a in range(3) if a != axis))))
 
 
@@ -194,7 +195,7 @@ def qualitative(bench, n_cases: int | None = None) -> Path | None:
                   probs(uncertainty)[0]]
         if view.spatial_dims == 3:  # a 3D network: whole-volume inference, then the most-foreground slice
             axis = cfg["data"]["slice_axis"]
-            k = _best_slice(view.label, axis)
+            k = best_slice(view.label, axis)
             panels = [np.take(p, k, axis=axis) for p in panels]
         lo, hi = np.percentile(panels[0], [0.5, 99.5])
         for ax, title, img in zip(row, titles, panels):

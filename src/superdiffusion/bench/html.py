@@ -148,6 +148,7 @@ def case_overlays(run_dir: Path, cfg: dict, ids: list[str]) -> bytes | None:
     """Image, ground truth (green) and the reported predictor's mask (red) of a few validation cases."""
     from ..data.pipeline import load_cases
     from ..evaluation.predict import load_run
+    from .figures import best_slice
 
     try:
         run = load_run(run_dir)
@@ -160,7 +161,7 @@ def case_overlays(run_dir: Path, cfg: dict, ids: list[str]) -> bytes | None:
         image, gt = case.image[0], case.label
         if image.ndim == 3:
             axis = cfg["data"]["slice_axis"]
-            k = int(np.argmax((gt > 0).sum(axis=tuple(a for a in range(3) if a != axis))))
+            k = best_slice(gt, axis)
             image, gt, pred = (np.take(a, k, axis=axis) for a in (image, gt, pred))
         ax = fig.add_subplot(1, len(cases), i + 1)
         lo, hi = np.percentile(image, [0.5, 99.5])

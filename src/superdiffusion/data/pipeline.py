@@ -8,7 +8,6 @@ different data, without saving any loader state.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .case import Case, CaseRef
 from .perturb import PhotometricView
-from .readers import discover, load_case, read_dataset_json
+from .readers import NNUNET_CHANNEL, discover, load_case, read_dataset_json
 from .splits import make_split
 from .synthetic import make_synthetic_dataset
 
@@ -300,7 +299,6 @@ def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generato
 SUFFIX_FORMATS = {".h5": "la-h5", ".hdf5": "la-h5", ".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd",
                   ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha", ".png": "image2d", ".tif": "image2d",
                   ".tiff": "image2d", ".bmp": "image2d", ".jpg": "image2d", ".jpeg": "image2d"}
-NNUNET_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 
 
 def file_suffix(path: Path) -> str:

@@ -40,7 +40,7 @@ GLAS_SUBSETS = {
 }
 _GLAS_IMAGE = re.compile(r"^(train|testA|testB)_\d+$")
 _GLAS_ANNO = re.compile(r"^(train|testA|testB)_\d+_anno$")
-_NNUNET_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+NNUNET_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 _LABEL_SUFFIXES = ("", "_mask", "_label", "_anno", "_segmentation")  # 2D mask names seen in the wild
 _NRRD_GEOMETRY = ("space", "space directions", "space origin", "spacings", "space units")
 _SPATIAL_DIMS = {"la-h5": 3, "nifti": 3, "nrrd": 3, "mha": 3, "image2d": 2}
@@ -127,7 +127,7 @@ def _discover_volumes(root: Path) -> dict[str, CaseRef]:
     if img_dir.name != "images":  # nnU-Net: <id>_0000.nii.gz, one file per channel
         renamed = {}
         for stem, p in images.items():
-            m = _NNUNET_CHANNEL.match(stem)
+            m = NNUNET_CHANNEL.match(stem)
             if m is None:
                 raise InputError(f"{p}: nnU-Net image names must end in _0000 (channel number)")
             if m.group(2) != "0000":
@@ -178,7 +178,7 @@ def _discover_nnunet(root: Path, subset: str | None) -> dict[str, CaseRef]:
     for p in sorted(img_dir.iterdir()):
         if p.name.startswith(".") or not p.name.endswith(ending):
             continue
-        m = _NNUNET_CHANNEL.match(p.name[: -len(ending)])
+        m = NNUNET_CHANNEL.match(p.name[: -len(ending)])
         if m is None:
             raise InputError(f"{p}: nnU-Net image names end in _XXXX (the channel number) before {ending}")
         files.setdefault(m.group(1), {})[int(m.group(2))] = p

@@ -16,7 +16,7 @@ from ..device import resolve_device
 from ..errors import InputError
 from ..methods import build_method
 from ..methods.base import Method
-from .inference import predict_probabilities
+from .inference import predict_probabilities, segment
 
 
 @dataclass
@@ -54,7 +54,7 @@ class LoadedRun:
         """
         case = self.case_of(image, spacing)
         probs = self.probabilities(case)
-        return probs if probabilities else probs.argmax(0).astype(np.int64)
+        return probs if probabilities else segment(probs)
 
     def case_of(self, image: np.ndarray | str | Path, spacing: tuple[float, ...] | None = None) -> Case:
         """A Case for `predict`: a file read as the CLI reads it, or an array given a channel axis if it lacks one."""
