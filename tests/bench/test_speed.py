@@ -11,7 +11,7 @@ from superdiffusion.cli.main import main
 
 TINY = {"train2d": [16, 16], "batch2d": [2, 1], "train3d": [8, 8, 8], "batch3d": [1, 1], "window2d": [16, 16],
         "window3d": [8, 8, 8], "volume2d": [24, 20, 4], "volume3d": [12, 10, 8]}
-SETS = ["model.channels=[4, 8]", "diffusion.ddim_steps=2", "diffusion.ensemble=2"]
+SETS = ["model.channels=[4, 8]", "model.dropout=0.0", "diffusion.ddim_steps=2", "diffusion.ensemble=2"]
 INFER_ROWS = ["teacher one pass", "teacher DDIM k=2", "teacher ensemble n=2", "student volume"]
 
 
