@@ -117,18 +117,21 @@ DEFAULTS: dict[str, Any] = {
         "rounds": 3,  # R, pseudo-label rounds
         "round_mode": "independent",  # independent (reference) | chained (abstract)
         "round_weight": 1.0,  # lambda; each round's terms weigh lambda / R
+        # cost levers: rounds on every round_every-th step only, on the first round_images images of each batch
+        # (None: all); the teacher's channels are model.channels x teacher_width (the twin student's too)
+        "round_every": 1,
+        "round_images": None,
+        "teacher_width": 1.0,
         "unlabelled_weight": 1.0,  # final weight of the CPS term, ramped linearly from 0
         "cps_loss": "dice",  # on argmax pseudo-labels (CPS, rounds): dice (reference, per image) | dice-batch | ce
-        # weight of the rounds' alignment to the student's pseudo-labels (unlabelled images): full (reference: as
-        # the labelled images', from the first step) | ramped (w(step), as the CPS term: no pseudo-label weighs
-        # more than the unlabelled weight)
-        "align_unlabelled": "full",
         # what the CPS term's networks see of an unlabelled image: same (the reference: the image whose argmax is the
         # other network's pseudo-label) | photometric (a perturbed view: intensity, gamma, blur, noise; FixMatch)
         "unlabelled_view": "same",
-        # the student's labelled and unlabelled crops: joint (one forward pass, batch-norm statistics over both, as
-        # the reference) | split (two passes: its labelled batches normalised as the supervised baseline's)
-        "student_passes": "joint",
+        # what the image pathway is conditioned on: probabilities (the mask pathway's softmax mapped to [-1, 1], the
+        # labels' range) | logits (the reference: its raw output; in the cycle pre-training of
+        # tests/methods/test_superdiffusion.py its masks were no better than an untrained teacher's, 0.190 vs 0.191
+        # best-assignment Dice, where probabilities reach 0.268: an unbounded 2-channel code need not be a mask)
+        "mask_condition": "probabilities",
         "pretrained": True,  # start co-training from the stage-1 teacher (False = random teacher)
         "init": None,  # path of a stage-1 checkpoint to start co-training from (method = cotrain)
     },
@@ -159,18 +162,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
 
 # Keys whose default changed: a stored config without them was made with these values.
 LEGACY_DEFAULTS: dict[str, Any] = {"model.arch": "double-conv"}
+# Keys that no longer exist, with why: a stored config that has them still loads (its run was made with the old
+# behaviour, which docs/RESULTS.md describes where it reports such runs).
+REMOVED_KEYS: dict[str, str] = {
+    "superdiffusion.align_unlabelled": "the unlabelled images' round terms are always ramped by w, as the reference's",
+    "superdiffusion.student_passes": "labelled and unlabelled batches always take separate passes, as the reference's",
+}
 
 
 def complete(stored: dict[str, Any], *, where: str) -> dict[str, Any]:
     """A config stored by an earlier version, with keys added since then at their defaults (or, where a new
-    key's default is not the old behaviour, at LEGACY_DEFAULTS).
+    key's default is not the old behaviour, at LEGACY_DEFAULTS) and keys removed since then dropped.
 
     Why: runs made before a key existed still resume, benchmark folders still match, and their checkpoints
     still load.
     """
     if not isinstance(stored, dict):
         raise InputError(f"{where}: a config must be a mapping of keys to values")
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg, stored = copy.deepcopy(DEFAULTS), copy.deepcopy(stored)
+    for dotted in REMOVED_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = stored
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     for dotted, value in LEGACY_DEFAULTS.items():
         *parents, leaf = dotted.split(".")
         node, here = cfg, stored
@@ -223,6 +239,8 @@ def merge(base: dict[str, Any], update: dict[str, Any], *, where: str, prefix: s
     for key, value in update.items():
         name = f"{prefix}{key}"
         if key not in base:
+            if name in REMOVED_KEYS:
+                raise InputError(f"{where}: config key {name!r} was removed: {REMOVED_KEYS[name]}")
             raise InputError(f"{where}: unknown config key {name!r}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):

@@ -22,14 +22,20 @@ import torch
 import torch.nn.functional as F
 
 from superdiffusion.checkpoint import load_checkpoint, save_checkpoint
-from superdiffusion.config import load_config
+from superdiffusion.config import complete, load_config
 from superdiffusion.data.pipeline import PatchSampler, prepare_case
 from superdiffusion.data.synthetic import make_synthetic_dataset
 from superdiffusion.engine.run import train_run
 from superdiffusion.engine.trainer import Trainer
 from superdiffusion.errors import InputError
 from superdiffusion.methods.base import dice_loss
-from superdiffusion.methods.superdiffusion import CoTrain, DiffusionTeacher, Pretrain, build_teacher
+from superdiffusion.methods.superdiffusion import (
+    CoTrain,
+    DiffusionTeacher,
+    Pretrain,
+    build_teacher,
+    frozen_running_stats,
+)
 from superdiffusion.nets.unet import NETS
 
 torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster than two here
@@ -291,9 +297,10 @@ def test_gradient_routing(student, round_mode):
                  "superdiffusion.rounds=2")
     m.train()
     terms = m.losses(_small_batch(), step=0, total_steps=10, generator=torch.Generator().manual_seed(0))
-    assert set(terms) == {"sup", "cps", "rec", "align"}
-    assert _reach(m, terms["rec"]) == {"image_net"}
-    assert _reach(m, terms["align"]) == {"mask_net"}
+    assert set(terms) == {"sup", "cps", "rec", "align", "rec_u", "align_u"}
+    for rec, align in (("rec", "align"), ("rec_u", "align_u")):
+        assert _reach(m, terms[rec]) == {"image_net"}
+        assert _reach(m, terms[align]) == {"mask_net"}
     assert _reach(m, terms["cps"]) == {"student", "mask_net"}
     assert _reach(m, terms["sup"]) == {"student", "mask_net"}
 
@@ -328,7 +335,9 @@ def test_training_step_combines_terms():
     terms = m.losses(batch, step=4, total_steps=10, generator=torch.Generator().manual_seed(3))
     loss, logs = m.training_step(batch, step=4, total_steps=10, generator=torch.Generator().manual_seed(3))
     w = 2 * 0.5  # unlabelled_weight * (step + 1) / total_steps
-    want = terms["sup"] + w * terms["cps"] + 0.5 * (terms["rec"] + terms["align"])
+    # the reference's L_l + w L_u: the unlabelled images' round terms ramp with the CPS term, the labelled ones not
+    want = terms["sup"] + 0.5 * (terms["rec"] + terms["align"]) + w * (
+        terms["cps"] + 0.5 * (terms["rec_u"] + terms["align_u"]))
     torch.testing.assert_close(loss, want)
     assert logs["w"] == pytest.approx(w)
     no_rounds = _cotrain("superdiffusion.rounds=0")
@@ -344,7 +353,7 @@ def test_cotrain_3d(student):
     x, y = _images(2, dims=3, shape=(16, 16, 16))
     loss, logs = m.training_step({"image": x[:1], "label": y[:1], "unlabelled": x[1:]}, step=0, total_steps=2,
                                  generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and {"sup", "cps", "rec", "align"} <= set(logs)
+    assert torch.isfinite(loss) and {"sup", "cps", "rec", "align", "rec_u", "align_u"} <= set(logs)
     loss.backward()
     m.eval()
     with torch.no_grad():
@@ -494,7 +503,7 @@ def _resume_steps(cfg: dict, run_dir: Path) -> dict[str, list[int]]:
 
 KILLED_CHILD = """
 import json, sys, time
-from superdiffusion.config import load_config
+from superdiffusion.config import complete, load_config
 from superdiffusion.engine.run import train_run
 from superdiffusion.methods.superdiffusion import Pretrain
 
@@ -635,10 +644,9 @@ def test_cps_loss_can_be_cross_entropy():
     m = _cotrain("superdiffusion.rounds=0", "superdiffusion.cps_loss=ce")
     ce = m.losses(batch, step=1, total_steps=4, generator=g())
     torch.testing.assert_close(ce["sup"], dice["sup"])  # same networks, noise and timesteps
-    T, d, x_u = m.teacher, m.teacher.diffusion, torch.cat([batch["image"], batch["unlabelled"]])
     gen = g()
-    p_t = T.mask_logits(x_u, d.sample_timesteps(len(x_u), generator=gen), T.randn_like_mask(x_u, gen))[2:]
-    p_s = m.student_logits(x_u, gen)[2:]
+    m.teacher_logits(batch["image"], gen)  # the labelled pass draws first
+    p_t, p_s = m.teacher_logits(batch["unlabelled"], gen), m.student_logits(batch["unlabelled"], gen)
     want = F.cross_entropy(p_s, p_t.argmax(1)) + F.cross_entropy(p_t, p_s.argmax(1))
     torch.testing.assert_close(ce["cps"], want)
     over_batch = _cotrain("superdiffusion.rounds=0", "superdiffusion.cps_loss=dice-batch")
@@ -649,23 +657,15 @@ def test_cps_loss_can_be_cross_entropy():
         _cotrain("superdiffusion.cps_loss=mse")
 
 
-def test_align_unlabelled_ramped_weighs_pseudo_labels_by_w():
-    """superdiffusion.align_unlabelled=ramped: the rounds' alignment to the student's pseudo-labels weighs w(step),
-    the labelled images' alignment keeps weight 1: linear in w, and the reference's term at w = 1."""
-    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
-    kw = dict(step=3, total_steps=4)  # ramp (3 + 1) / 4 = 1: w = unlabelled_weight
-
-    def align(weight: float, mode: str = "ramped") -> torch.Tensor:
-        m = _cotrain("superdiffusion.rounds=1", f"superdiffusion.unlabelled_weight={weight}",
-                     f"superdiffusion.align_unlabelled={mode}")
-        return m.losses(batch, generator=g(), **kw)["align"]
-
-    torch.testing.assert_close(align(1.0), align(1.0, "full"))
-    a0, a_half, a1 = align(0.0), align(0.5), align(1.0)
-    torch.testing.assert_close(a_half, (a0 + a1) / 2)  # the same passes: only the unlabelled half's weight moves
-    assert a0 < a1  # the pseudo-label half carries loss, and w = 0 removes it
-    with pytest.raises(InputError, match="align_unlabelled"):
-        _cotrain("superdiffusion.align_unlabelled=half")
+def test_removed_switches_are_named_and_old_runs_still_load():
+    """align_unlabelled and student_passes are gone (the reference's behaviour is the only one): a config that sets
+    them gets a one-line error saying why; a run stored with them still loads."""
+    for key in ("superdiffusion.align_unlabelled=full", "superdiffusion.student_passes=joint"):
+        with pytest.raises(InputError, match=f"{key.split('=')[0]}' was removed"):
+            _cotrain(key)
+    old = complete({"superdiffusion": {"align_unlabelled": "ramped", "student_passes": "split", "rounds": 2}},
+                   where="older run")
+    assert old["superdiffusion"]["rounds"] == 2 and "student_passes" not in old["superdiffusion"]
 
 
 def test_unlabelled_view_photometric_learns_clean_pseudo_labels_on_perturbed_images():
@@ -678,14 +678,12 @@ def test_unlabelled_view_photometric_learns_clean_pseudo_labels_on_perturbed_ima
     terms = m.losses(batch, step=1, total_steps=4, generator=g())
     torch.testing.assert_close(terms["sup"], same["sup"])
     assert not torch.allclose(terms["cps"], same["cps"])
-    T, d, x = m.teacher, m.teacher.diffusion, torch.cat([batch["image"], batch["unlabelled"]])
-    gen = g()
-    p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=gen), T.randn_like_mask(x, gen))[2:]
-    p_s = m.student_logits(x, gen)[2:]
-    x_v = m.unlabelled_view(batch["unlabelled"], gen)
-    assert not torch.allclose(x_v, batch["unlabelled"])
-    u_s = m.student_logits(x_v, gen)
-    u_t = T.mask_logits(x_v, d.sample_timesteps(len(x_v), generator=gen), T.randn_like_mask(x_v, gen))
+    gen, x_u = g(), batch["unlabelled"]
+    m.teacher_logits(batch["image"], gen)  # the labelled pass draws first
+    p_t, p_s = m.teacher_logits(x_u, gen), m.student_logits(x_u, gen)
+    x_v = m.unlabelled_view(x_u, gen)
+    assert not torch.allclose(x_v, x_u)
+    u_s, u_t = m.student_logits(x_v, gen), m.teacher_logits(x_v, gen)
     want = m.pseudo_loss(u_s, p_t.argmax(1)) + m.pseudo_loss(u_t, p_s.argmax(1))
     torch.testing.assert_close(terms["cps"], want)
     assert _reach(m, terms["cps"]) == {"student", "mask_net"}
@@ -693,22 +691,79 @@ def test_unlabelled_view_photometric_learns_clean_pseudo_labels_on_perturbed_ima
         _cotrain("superdiffusion.unlabelled_view=cutmix")
 
 
-def test_student_passes_split_changes_only_batch_statistics():
-    """superdiffusion.student_passes=split: the student's labelled and unlabelled crops go through separate
-    forward passes; in eval mode (running statistics) that is the same function, in training only the batch-norm
-    statistics differ, so the supervised term moves."""
+def test_labelled_and_unlabelled_batches_take_separate_passes():
+    """As the reference: in training mode (batch statistics) the labelled terms do not depend on the unlabelled
+    images at all, and the teacher's batch-norm running statistics never see a re-synthesised image."""
+    m = _cotrain("superdiffusion.rounds=2")
+    m.train()
     batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
-    joint, split = _cotrain("superdiffusion.rounds=0"), _cotrain("superdiffusion.rounds=0",
-                                                                  "superdiffusion.student_passes=split")
-    for m in (joint, split):
-        m.eval()
-    torch.testing.assert_close(split.losses(batch, step=1, total_steps=4, generator=g())["sup"],
-                               joint.losses(batch, step=1, total_steps=4, generator=g())["sup"])
-    for m in (joint, split):
-        m.train()
-    a = joint.losses(batch, step=1, total_steps=4, generator=g())
-    b = split.losses(batch, step=1, total_steps=4, generator=g())
-    assert not torch.allclose(a["sup"], b["sup"])
-    assert _reach(split, b["sup"]) == {"student", "mask_net"}
-    with pytest.raises(InputError, match="student_passes"):
-        _cotrain("superdiffusion.student_passes=both")
+    other = {**batch, "unlabelled": torch.flip(batch["unlabelled"], dims=(-1,)) * 0.5}
+    a, b = (m.losses(x, step=1, total_steps=4, generator=g()) for x in (batch, other))
+    for key in ("sup", "rec", "align"):
+        torch.testing.assert_close(a[key], b[key])
+    assert not torch.allclose(a["cps"], b["cps"])
+
+    bn = next(n for n in m.teacher.mask_net.modules() if isinstance(n, torch.nn.BatchNorm2d))
+    moved: list[bool] = []
+    bn.register_forward_pre_hook(lambda mod, _: setattr(mod, "before", mod.running_mean.clone()))
+    bn.register_forward_hook(lambda mod, *_: moved.append(not torch.equal(mod.before, mod.running_mean)))
+    m.losses(batch, step=1, total_steps=4, generator=g())
+    # the mask pathway runs on the real labelled and unlabelled images, then twice per round on re-syntheses:
+    # only the real passes move the running statistics that inference uses
+    assert moved == [True, False, False, True, False, False]
+
+
+def test_frozen_running_stats_normalise_by_the_batch_and_restore_momentum():
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3).train()
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    with frozen_running_stats(bn):
+        y = bn(x)
+    torch.testing.assert_close(bn.running_mean, torch.zeros(3))
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)  # batch statistics
+    assert bn.momentum == 0.3
+    bn(x)
+    assert bn.running_mean.abs().sum() > 0
+
+
+@pytest.mark.parametrize("condition", ["logits", "probabilities"])
+def test_mask_condition_feeds_the_image_pathway(condition, monkeypatch):
+    """superdiffusion.mask_condition: probabilities in [-1, 1] (default) or the reference's raw mask-pathway logits,
+    in the cycle pre-training and in the rounds alike."""
+    seen = []
+    pre = Pretrain(_cfg("method=pretrain", f"superdiffusion.mask_condition={condition}"), dims=2, in_channels=1,
+                   num_classes=2)
+    co = _cotrain("superdiffusion.rounds=1", f"superdiffusion.mask_condition={condition}")
+    for m in (pre, co):
+        original = m.teacher.image_noise
+        monkeypatch.setattr(m.teacher, "image_noise", lambda x, mask, t, eps, f=original: (seen.append(mask),
+                                                                                            f(x, mask, t, eps))[1])
+    x, _ = _images(2)
+    pre.cycle_loss(x, torch.Generator().manual_seed(0))
+    co.losses(_small_batch(), step=0, total_steps=2, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 3  # the cycle, one round on the labelled images, one on the unlabelled ones
+    for mask in seen:
+        in_range = bool(((mask >= -1) & (mask <= 1)).all()) and torch.allclose(((mask + 1) / 2).sum(1),
+                                                                                torch.ones(()))
+        assert in_range is (condition == "probabilities")
+    with pytest.raises(InputError, match="mask_condition"):
+        _cotrain("superdiffusion.mask_condition=argmax")
+
+
+def test_cost_levers_schedule_and_shrink_the_rounds_and_the_teacher(monkeypatch):
+    """round_every: rounds on every k-th step only; round_images: on the first n images of each batch;
+    teacher_width: the teacher's channels scaled (the student keeps model.channels)."""
+    m = _cotrain("superdiffusion.rounds=1", "superdiffusion.round_every=2", "superdiffusion.round_images=1",
+                 "superdiffusion.teacher_width=0.5")
+    sizes = []
+    original = m.rounds
+    monkeypatch.setattr(m, "rounds", lambda x, *a, **k: (sizes.append(len(x)), original(x, *a, **k))[1])
+    batch = _small_batch()
+    assert set(m.losses(batch, step=1, total_steps=4, generator=torch.Generator())) == {"sup", "cps"}
+    assert {"rec", "rec_u"} <= set(m.losses(batch, step=2, total_steps=4, generator=torch.Generator()))
+    assert sizes == [1, 1]  # one labelled and one unlabelled image of two each
+    student = [p.shape[0] for n, p in m.student.named_parameters() if p.dim() > 1][0]
+    teacher = [p.shape[0] for n, p in m.teacher.mask_net.named_parameters() if p.dim() > 1][0]
+    assert teacher * 2 == student
+    for bad in ("superdiffusion.round_every=0", "superdiffusion.round_images=0", "superdiffusion.teacher_width=0"):
+        with pytest.raises(InputError, match=bad.split("=")[0]):
+            _cotrain(bad)

@@ -8,6 +8,7 @@ See docs/METHOD.md (sections noted below). Masks and images live in [-1, 1] when
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +25,34 @@ from .base import Batch, Method, Stage, dice_loss, linear_ramp
 def to_signal(prob: Tensor) -> Tensor:
     """Class probabilities (or one-hot masks) in [0, 1] -> the diffusion range [-1, 1]."""
     return prob * 2 - 1
+
+
+# What the image pathway is conditioned on, from the mask pathway's logits (superdiffusion.mask_condition):
+# `probabilities` (default) its softmax mapped to [-1, 1], the range of the labels; `logits` the raw output, as the
+# reference (config.py says why that is not the default).
+MASK_CONDITIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "logits": lambda logits: logits,
+    "probabilities": lambda logits: to_signal(torch.softmax(logits, 1)),
+}
+
+
+@contextmanager
+def frozen_running_stats(module: nn.Module):
+    """Batch norm keeps normalising with the batch's statistics but leaves its running ones alone (momentum 0).
+
+    Why: the mask pathway also segments re-synthesised images, R times per step; its running statistics (used at
+    inference) must describe real images.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
 
 
 class DiffusionTeacher(nn.Module):
@@ -106,8 +135,13 @@ class DiffusionTeacher(nn.Module):
 
 
 def build_teacher(method: Method) -> DiffusionTeacher:
+    """The teacher: model.channels times superdiffusion.teacher_width (a narrower teacher is the cheaper one)."""
+    width, model_cfg = method.cfg["superdiffusion"]["teacher_width"], dict(method.cfg["model"])
+    if not isinstance(width, int | float) or not 0 < width <= 4:
+        raise InputError(f"superdiffusion.teacher_width: {width!r} must be a number in (0, 4]")
+    model_cfg["channels"] = [max(2, round(c * width)) for c in model_cfg["channels"]]
     return DiffusionTeacher(dims=method.dims, image_channels=method.in_channels, num_classes=method.num_classes,
-                            model_cfg=method.cfg["model"], diffusion_cfg=method.cfg["diffusion"])
+                            model_cfg=model_cfg, diffusion_cfg=method.cfg["diffusion"])
 
 
 def superdiffusion_choice(sd: dict, key: str, choices) -> str:
@@ -120,8 +154,9 @@ def superdiffusion_choice(sd: dict, key: str, choices) -> str:
 class Pretrain(Method):
     """Stage 1 (section 2): the cycle image -> mask -> image, without any label.
 
-    m_hat = f_m([noised null mask at t1, x], t1); eps_hat = f_x([x_t2, softmax(m_hat)], t2);
-    L_cyc = MSE(eps_hat, eps), back-propagated through both pathways.
+    m_hat = f_m([noised null mask at t1, x], t1); eps_hat = f_x([x_t2, c(m_hat)], t2);
+    L_cyc = MSE(eps_hat, eps), back-propagated through both pathways; c = superdiffusion.mask_condition
+    (probabilities in [-1, 1]; the reference: the raw logits).
     """
 
     name = "pretrain"
@@ -131,6 +166,8 @@ class Pretrain(Method):
     def __init__(self, cfg: dict, *, teacher: DiffusionTeacher | None = None, **kw):
         super().__init__(cfg, **kw)
         self.teacher = teacher if teacher is not None else build_teacher(self)
+        self.condition = MASK_CONDITIONS[superdiffusion_choice(cfg["superdiffusion"], "mask_condition",
+                                                               MASK_CONDITIONS)]
 
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -140,9 +177,9 @@ class Pretrain(Method):
     def cycle_loss(self, x: Tensor, generator: torch.Generator) -> Tensor:
         T, d = self.teacher, self.teacher.diffusion
         t1, t2 = d.sample_timesteps(len(x), generator=generator), d.sample_timesteps(len(x), generator=generator)
-        m_hat = torch.softmax(T.mask_logits(x, t1, T.randn_like_mask(x, generator)), 1)
+        m_hat = T.mask_logits(x, t1, T.randn_like_mask(x, generator))
         eps = torch.randn(x.shape, generator=generator).to(x)
-        eps_hat, _ = T.image_noise(x, to_signal(m_hat), t2, eps)
+        eps_hat, _ = T.image_noise(x, self.condition(m_hat), t2, eps)
         return F.mse_loss(eps_hat, eps)
 
     def predictors(self):
@@ -152,13 +189,17 @@ class Pretrain(Method):
 class CoTrain(Method):
     """Stage 2 (sections 3 and 4): teacher and student co-trained, one optimiser each.
 
-    L = L_sup + w(step) L_cps + lambda / R * sum_r (L_rec^(r) + L_align^(r))
+    L = L_l + w(step) L_u, as the reference: the labelled and the unlabelled batch each take their own forward
+    passes (batch-norm statistics never mix them), each part back-propagated on its own.
+    L_l = L_sup + lambda / R sum_r (L_rec^(r) + L_align^(r))  on the labelled images (alignment to the labels)
+    L_u = L_cps + lambda / R sum_r (L_rec^(r) + L_align^(r))  on the unlabelled images (alignment to the
+    student's argmax), so no pseudo-label weighs more than the ramped weight w.
     L_sup: Dice (+ CE) of student and teacher on labels; L_cps: each network on the other's argmax (soft Dice
     per image as the reference, Dice over the batch, or cross-entropy as the CPS paper: superdiffusion.cps_loss,
     which the rounds' alignment term uses too; each network learns on the unlabelled images themselves, as the
     reference, or on a photometric strong view of them: superdiffusion.unlabelled_view);
     rounds: the teacher re-synthesises the image from its own (detached) mask, then segments the
-    re-synthesis, aligned to the student's argmax (unlabelled) or the label (labelled).
+    re-synthesis, aligned to the target.
     """
 
     name = "cotrain"
@@ -169,14 +210,15 @@ class CoTrain(Method):
         super().__init__(cfg, **kw)
         sd = cfg["superdiffusion"]
         for key, choices in (("student", ("unet", "twin")), ("round_mode", ("independent", "chained")),
-                             ("align_unlabelled", ("full", "ramped")), ("student_passes", ("joint", "split"))):
+                             ("mask_condition", MASK_CONDITIONS)):
             superdiffusion_choice(sd, key, choices)
         losses = {"dice": dice_loss(), "dice-batch": dice_loss(batch=True), "ce": nn.CrossEntropyLoss()}
         self.pseudo_loss = losses[superdiffusion_choice(sd, "cps_loss", losses)]
         views = {"same": None, "photometric": PhotometricView()}
         self.unlabelled_view = views[superdiffusion_choice(sd, "unlabelled_view", views)]
-        if not isinstance(sd["rounds"], int) or sd["rounds"] < 0:
-            raise InputError(f"superdiffusion.rounds: {sd['rounds']!r} must be an integer >= 0")
+        for key, low in (("rounds", 0), ("round_every", 1), ("round_images", 1)):
+            if not (key == "round_images" and sd[key] is None) and (not isinstance(sd[key], int) or sd[key] < low):
+                raise InputError(f"superdiffusion.{key}: {sd[key]!r} must be an integer >= {low}")
         self.teacher = build_teacher(self)
         self.student = build_teacher(self).mask_net if sd["student"] == "twin" else self.segmentation_net()
         self.sup_loss = dice_loss(ce=True)
@@ -207,79 +249,99 @@ class CoTrain(Method):
         m_t = T.diffusion.q_sample(T.null_mask(x), t, T.randn_like_mask(x, generator))
         return self.student(torch.cat([m_t, x], 1), t)
 
+    def teacher_logits(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The mask pathway from the noised null mask at a random t (the teacher's training-time prediction)."""
+        T = self.teacher
+        return T.mask_logits(x, T.diffusion.sample_timesteps(len(x), generator=generator),
+                             T.randn_like_mask(x, generator))
+
     def unlabelled_weight(self, step: int, total_steps: int) -> float:
         """w(step): the final unlabelled weight, ramped linearly from 0 (the reference's (e + 1) / E)."""
         return self.cfg["superdiffusion"]["unlabelled_weight"] * linear_ramp(step, total_steps)
 
-    def losses(self, batch: Batch, *, step: int, total_steps: int, generator: torch.Generator,
-               early: tuple[float, float] | None = None) -> dict[str, Tensor]:
-        """Each term separately (tests check where each one's gradient goes).
+    def rounds(self, x: Tensor, logits: Tensor, target: Tensor, generator: torch.Generator,
+               scale: float | None) -> tuple[Tensor, Tensor]:
+        """Section 4 on one batch: the per-round means of L_rec and L_align, starting from the teacher's logits.
 
-        early = (w, lambda): back-propagate sup + w cps as soon as it is computed, then each round's terms
-        times lambda / R, keeping only their values. Every input that crosses between these parts is
-        detached (pseudo-labels, the teacher's mask, the re-synthesised images), so the gradient is the
-        same, but the step's memory is that of its largest part, not the sum of all: flat in R.
+        scale: back-propagate each round's terms times scale / R as soon as they are computed (the image
+        pathway's graph before the mask pathway's is built) and return values only. The mask pathway's passes on
+        re-synthesised images leave its batch-norm running statistics alone: those describe real images.
         """
         sd, T, d = self.cfg["superdiffusion"], self.teacher, self.teacher.diffusion
-        w = self.unlabelled_weight(step, total_steps)
+        R, condition = sd["rounds"], MASK_CONDITIONS[sd["mask_condition"]]
+        mask = condition(logits).detach()
+        rec = align = torch.zeros((), device=x.device)
+        for _ in range(R):
+            t = d.sample_timesteps(len(x), generator=generator)
+            eps = torch.randn(x.shape, generator=generator).to(x)
+            eps_hat, x_t = T.image_noise(x, mask, t, eps)
+            x_r = d.predict_x0_from_eps(x_t, t, eps_hat).detach().clamp(-1, 1)
+            r_rec = F.mse_loss(eps_hat, eps)
+            if scale is not None:
+                (scale / R * r_rec).backward()
+                r_rec = r_rec.detach()
+            with frozen_running_stats(T.mask_net):
+                p_r = self.teacher_logits(x_r, generator)
+            r_align = self.pseudo_loss(p_r, target)
+            if sd["round_mode"] == "chained":
+                mask = condition(p_r).detach()
+            if scale is not None:
+                (scale / R * r_align).backward()
+                r_align = r_align.detach()
+            rec, align = rec + r_rec, align + r_align
+        return rec / R, align / R
+
+    def losses(self, batch: Batch, *, step: int, total_steps: int, generator: torch.Generator,
+               early: tuple[float, float] | None = None) -> dict[str, Tensor]:
+        """Each term separately (tests check where each one's gradient goes): sup, cps, and with rounds rec and
+        align (labelled images), rec_u and align_u (unlabelled images). The rounds run every round_every-th step,
+        on the first round_images images of each batch (their cost levers).
+
+        early = (w, lambda): back-propagate each part times its weight as soon as it is computed, keeping only
+        its value. Every input that crosses between parts is detached (pseudo-labels, the teacher's mask, the
+        re-synthesised images), so the gradient is the same, but the step's memory is that of its largest part,
+        not the sum of all: flat in R.
+        """
+        sd = self.cfg["superdiffusion"]
+        rounds = sd["rounds"] and step % sd["round_every"] == 0
+        n = sd["round_images"]  # the rounds' share of each batch (None: all of it)
+        w, lam = early if early else (None, None)
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
-        x, n_l = torch.cat([x_l, x_u]), len(x_l)
-        p_t = T.mask_logits(x, d.sample_timesteps(len(x), generator=generator), T.randn_like_mask(x, generator))
-        if sd["student_passes"] == "split":  # batch-norm statistics of labelled crops never mix with unlabelled ones
-            p_s = torch.cat([self.student_logits(x_l, generator), self.student_logits(x_u, generator)])
-        else:
-            p_s = self.student_logits(x, generator)
-        pseudo_t, pseudo_s = p_t[n_l:].argmax(1).detach(), p_s[n_l:].argmax(1).detach()
-        u_s, u_t = p_s[n_l:], p_t[n_l:]
+        out: dict[str, Tensor] = {}
+
+        p_t = self.teacher_logits(x_l, generator)  # labelled pass
+        out["sup"] = self.sup_loss(self.student_logits(x_l, generator), y) + self.sup_loss(p_t, y)
+        if early:
+            out["sup"].backward()
+        if rounds:
+            out["rec"], out["align"] = self.rounds(x_l[:n], p_t[:n], y[:n], generator, lam)
+
+        u_t, u_s = self.teacher_logits(x_u, generator), self.student_logits(x_u, generator)  # unlabelled pass
+        pseudo_t, pseudo_s = u_t.argmax(1).detach(), u_s.argmax(1).detach()
         if self.unlabelled_view is not None:  # pseudo-labels of the clean view, learned on the perturbed one
             x_v = self.unlabelled_view(x_u, generator)
-            u_s = self.student_logits(x_v, generator)
-            u_t = T.mask_logits(x_v, d.sample_timesteps(len(x_v), generator=generator),
-                                T.randn_like_mask(x_v, generator))
-        out = {"sup": self.sup_loss(p_s[:n_l], y) + self.sup_loss(p_t[:n_l], y),
-               "cps": self.pseudo_loss(u_s, pseudo_t) + self.pseudo_loss(u_t, pseudo_s)}
+            s_v, t_v = self.student_logits(x_v, generator), self.teacher_logits(x_v, generator)
+        else:
+            s_v, t_v = u_s, u_t
+        out["cps"] = self.pseudo_loss(s_v, pseudo_t) + self.pseudo_loss(t_v, pseudo_s)
         if early:
-            (out["sup"] + early[0] * out["cps"]).backward()
-            out = {k: v.detach() for k, v in out.items()}
-        rounds = sd["rounds"]
+            (w * out["cps"]).backward()
         if rounds:
-            target = torch.cat([y, pseudo_s])
-            mask = torch.softmax(p_t, 1).detach()
-            rec = align = 0.0
-            for _ in range(rounds):
-                t = d.sample_timesteps(len(x), generator=generator)
-                eps = torch.randn(x.shape, generator=generator).to(x)
-                eps_hat, x_t = T.image_noise(x, to_signal(mask), t, eps)
-                x_r = d.predict_x0_from_eps(x_t, t, eps_hat).detach().clamp(-1, 1)
-                r_rec = F.mse_loss(eps_hat, eps)
-                if early:  # the image pathway's graph goes before the mask pathway's is built
-                    (early[1] / rounds * r_rec).backward()
-                    r_rec = r_rec.detach()
-                p_r = T.mask_logits(x_r, d.sample_timesteps(len(x), generator=generator),
-                                    T.randn_like_mask(x, generator))
-                if sd["align_unlabelled"] == "ramped":  # per-image mean over the batch, pseudo-labels x w
-                    r_align = (n_l * self.pseudo_loss(p_r[:n_l], y) +
-                               w * len(x_u) * self.pseudo_loss(p_r[n_l:], pseudo_s)) / len(x)
-                else:
-                    r_align = self.pseudo_loss(p_r, target)
-                if sd["round_mode"] == "chained":
-                    mask = torch.softmax(p_r, 1).detach()
-                if early:
-                    (early[1] / rounds * r_align).backward()
-                    r_align = r_align.detach()
-                rec, align = rec + r_rec, align + r_align
-            out["rec"], out["align"] = rec / rounds, align / rounds
-        return out
+            out["rec_u"], out["align_u"] = self.rounds(x_u[:n], u_t[:n], pseudo_s[:n], generator,
+                                                       w * lam if early else None)
+        return {k: v.detach() for k, v in out.items()} if early else out
 
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        sd = self.cfg["superdiffusion"]
+        lam = self.cfg["superdiffusion"]["round_weight"]
         w = self.unlabelled_weight(step, total_steps)
         terms = self.losses(batch, step=step, total_steps=total_steps, generator=generator,
-                            early=(w, sd["round_weight"]) if self.early_backward else None)
-        loss = terms["sup"] + w * terms["cps"]  # detached (already back-propagated) when early
+                            early=(w, lam) if self.early_backward else None)
+        labelled, unlabelled = terms["sup"], terms["cps"]  # detached (already back-propagated) when early
         if "rec" in terms:  # lambda / R per round == lambda times the per-round mean
-            loss = loss + sd["round_weight"] * (terms["rec"] + terms["align"])
+            labelled = labelled + lam * (terms["rec"] + terms["align"])
+            unlabelled = unlabelled + lam * (terms["rec_u"] + terms["align_u"])
+        loss = labelled + w * unlabelled
         return loss, {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "w": w}
 
     def predictors(self):
