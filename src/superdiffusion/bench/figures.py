@@ -20,6 +20,7 @@ from ..data.pipeline import load_cases
 from ..errors import InputError
 from ..evaluation.inference import predict_probabilities, segment
 from ..evaluation.predict import load_run
+from ..runlog import log_entries
 from .protocols import REFERENCE
 from .report import seed_stats, table_rows
 
@@ -46,13 +47,8 @@ def write_figures(bench, rows: list[dict]) -> None:
 
 def read_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, best validation Dice over the run's predictors) from log.jsonl; [] without periodic validation."""
-    path = run_dir / "log.jsonl"
     points = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for entry in log_entries(run_dir / "log.jsonl"):
         scores = [v for k, v in entry.items() if k.startswith("val_dice_")]
         if scores:
             points.append((int(entry["step"]), max(scores)))

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from ..config import read_stored_config
 from ..errors import InputError
+from ..runlog import log_entries
 
 STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -112,14 +113,8 @@ def protocol_rows(cfg: dict) -> list[tuple[str, object]]:
 
 def learning_curves(log_path: Path) -> bytes | None:
     """Training loss (and its moving mean) and validation Dice against the step."""
-    if not log_path.is_file():
-        return None
     steps, losses, val = [], [], {}
-    for line in log_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for entry in log_entries(log_path):
         if "loss" in entry:
             steps.append(entry["step"])
             losses.append(entry["loss"])
@@ -147,6 +142,7 @@ def learning_curves(log_path: Path) -> bytes | None:
 def case_overlays(run_dir: Path, cfg: dict, ids: list[str]) -> bytes | None:
     """Image, ground truth (green) and the reported predictor's mask (red) of a few validation cases."""
     from ..data.pipeline import load_cases
+    from ..evaluation.evaluate import draw_overlay
     from ..evaluation.predict import load_run
     from .figures import best_slice
 
@@ -164,13 +160,8 @@ def case_overlays(run_dir: Path, cfg: dict, ids: list[str]) -> bytes | None:
             k = best_slice(gt, axis)
             image, gt, pred = (np.take(a, k, axis=axis) for a in (image, gt, pred))
         ax = fig.add_subplot(1, len(cases), i + 1)
-        lo, hi = np.percentile(image, [0.5, 99.5])
-        ax.imshow(image.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
-        for mask, colour in ((gt, "lime"), (pred, "red")):
-            if (mask > 0).any():
-                ax.contour((mask > 0).T.astype(float), levels=[0.5], colors=[colour], linewidths=1.0)
+        draw_overlay(ax, image, [(gt > 0, "lime"), (pred > 0, "red")])
         ax.set_title(case.id, fontsize=8)
-        ax.set_axis_off()
     return png(fig)
 
 

@@ -18,6 +18,7 @@ from scipy.stats import wilcoxon
 
 from ..evaluation.metrics import METRICS
 from ..methods import method_class
+from ..runlog import log_entries
 from .protocols import REFERENCE, Ablation, folder_name
 
 COLUMNS = ("method", "fraction", "seed", "case", "predictor", "chosen", "eval_set", "labelled_cases", *METRICS,
@@ -126,13 +127,8 @@ def paired_table(rows: list[dict], labels: list[str], fractions: list, reference
 
 def validation_seconds(run_dir: Path) -> float:
     """Seconds of periodic validation in a run's log.jsonl (`val_s`; older logs: the step time jumps there)."""
-    path = run_dir / "log.jsonl"
     total, last_time, pending = 0.0, None, False
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for entry in log_entries(run_dir / "log.jsonl"):
         if "val_s" in entry:
             total += float(entry["val_s"])
         elif any(k.startswith("val_dice_") for k in entry):

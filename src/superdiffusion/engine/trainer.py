@@ -26,6 +26,7 @@ from ..errors import InputError
 from ..evaluation.inference import evaluate_cases
 from ..methods.base import Method
 from ..nets.unet import NETS
+from ..runlog import log_entries
 from . import distributed
 
 
@@ -233,14 +234,7 @@ class Trainer:
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines of steps after the checkpoint being resumed: they are about to be redone."""
     if path.is_file():
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line + "\n")
-            except json.JSONDecodeError:  # a line torn by a kill or a full disk
-                continue
-        path.write_text("".join(kept))
+        path.write_text("".join(json.dumps(e) + "\n" for e in log_entries(path) if e.get("step", 0) <= step))
 
 
 def hash_seed(*parts: int) -> int:

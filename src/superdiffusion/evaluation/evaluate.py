@@ -160,6 +160,18 @@ def predict_files(run_dir, inputs, out_dir, *, checkpoint=None, predictor=None, 
     return written
 
 
+def draw_overlay(ax, image: np.ndarray, outlines: list[tuple[np.ndarray, str]], *,
+                 window: tuple[float, float] | None = None) -> None:
+    """A 2D image in grey (its 0.5-99.5 percentile window unless given) with each (mask, colour) outlined: the one
+    picture of a segmentation that predict's previews and the HTML report both draw."""
+    lo, hi = window if window is not None else np.percentile(image, [0.5, 99.5])
+    ax.imshow(image.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
+    for mask, colour in outlines:
+        if mask.any():
+            ax.contour(mask.T.astype(float), levels=[0.5], colors=[colour], linewidths=1.2)
+    ax.set_axis_off()
+
+
 def write_preview(case: Case, mask: np.ndarray, path: Path) -> Path:
     """A PNG of the image (first channel) with the mask's outline: 2D as is, 3D as the middle slice of each axis."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -170,13 +182,10 @@ def write_preview(case: Case, mask: np.ndarray, path: Path) -> Path:
         [(np.take(image, image.shape[a] // 2, axis=a), np.take(mask, mask.shape[a] // 2, axis=a)) for a in range(3)]
     fig = Figure(figsize=(3.2 * len(views), 3.4))
     FigureCanvasAgg(fig)
-    lo, hi = np.percentile(image, [0.5, 99.5])
+    window = tuple(np.percentile(image, [0.5, 99.5]))
     for i, (img, lab) in enumerate(views):
-        ax = fig.add_subplot(1, len(views), i + 1)
-        ax.imshow(img.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
-        for k in np.unique(lab)[1:]:
-            ax.contour((lab == k).T.astype(float), levels=[0.5], colors=[f"C{(int(k) - 1) % 10}"], linewidths=1.2)
-        ax.set_axis_off()
+        draw_overlay(fig.add_subplot(1, len(views), i + 1), img,
+                     [(lab == k, f"C{(int(k) - 1) % 10}") for k in np.unique(lab)[1:]], window=window)
     fig.suptitle(f"{case.id}: {'mask outline' if image.ndim == 2 else 'middle slices, mask outline'}", fontsize=9)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
