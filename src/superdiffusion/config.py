@@ -117,12 +117,16 @@ DEFAULTS: dict[str, Any] = {
         "rounds": 3,  # R, pseudo-label rounds
         "round_mode": "independent",  # independent (reference) | chained (abstract)
         "round_weight": 1.0,  # lambda; each round's terms weigh lambda / R
-        # cost levers: rounds on every round_every-th step only, on the first round_images images of each batch
+        # cost levers: the teacher learns (supervised, CPS, rounds) on every teacher_every-th step only, and between
+        # them only pseudo-labels, without a graph; the rounds take the first round_images images of each batch
         # (None: all); the teacher's channels are model.channels x teacher_width (the twin student's too)
-        "round_every": 1,
+        "teacher_every": 1,
         "round_images": None,
         "teacher_width": 1.0,
         "unlabelled_weight": 1.0,  # final weight of the CPS term, ramped linearly from 0
+        # pseudo-label pixels whose source's top probability is below this teach nothing (0: off, the reference;
+        # FixMatch's confidence mask; needs cps_loss ce)
+        "confidence": 0.0,
         "cps_loss": "dice",  # on argmax pseudo-labels (CPS, rounds): dice (reference, per image) | dice-batch | ce
         # what the CPS term's networks see of an unlabelled image: same (the reference: the image whose argmax is the
         # other network's pseudo-label) | photometric (a perturbed view: intensity, gamma, blur, noise; FixMatch)

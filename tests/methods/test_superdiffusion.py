@@ -30,11 +30,14 @@ from superdiffusion.engine.trainer import Trainer
 from superdiffusion.errors import InputError
 from superdiffusion.methods.base import dice_loss
 from superdiffusion.methods.superdiffusion import (
+    IGNORE,
     CoTrain,
     DiffusionTeacher,
     Pretrain,
     build_teacher,
+    confident_argmax,
     frozen_running_stats,
+    masked_cross_entropy,
 )
 from superdiffusion.nets.unet import NETS
 
@@ -749,21 +752,51 @@ def test_mask_condition_feeds_the_image_pathway(condition, monkeypatch):
         _cotrain("superdiffusion.mask_condition=argmax")
 
 
-def test_cost_levers_schedule_and_shrink_the_rounds_and_the_teacher(monkeypatch):
-    """round_every: rounds on every k-th step only; round_images: on the first n images of each batch;
-    teacher_width: the teacher's channels scaled (the student keeps model.channels)."""
-    m = _cotrain("superdiffusion.rounds=1", "superdiffusion.round_every=2", "superdiffusion.round_images=1",
+def test_cost_levers_schedule_and_shrink_the_teacher(monkeypatch):
+    """teacher_every: the teacher learns on every k-th step only, and between them pseudo-labels without a graph
+    (the student's terms unchanged); round_images: rounds on the first n images of each batch; teacher_width: the
+    teacher's channels scaled (the student keeps model.channels)."""
+    m = _cotrain("superdiffusion.rounds=1", "superdiffusion.teacher_every=2", "superdiffusion.round_images=1",
                  "superdiffusion.teacher_width=0.5")
+    m.train()
     sizes = []
     original = m.rounds
     monkeypatch.setattr(m, "rounds", lambda x, *a, **k: (sizes.append(len(x)), original(x, *a, **k))[1])
     batch = _small_batch()
-    assert set(m.losses(batch, step=1, total_steps=4, generator=torch.Generator())) == {"sup", "cps"}
-    assert {"rec", "rec_u"} <= set(m.losses(batch, step=2, total_steps=4, generator=torch.Generator()))
+    between = m.losses(batch, step=1, total_steps=4, generator=torch.Generator())
+    assert set(between) == {"sup", "cps"}
+    for term in between.values():
+        assert _reach(m, term) == {"student"}
+    teaching = m.losses(batch, step=2, total_steps=4, generator=torch.Generator())
+    assert {"rec", "rec_u"} <= set(teaching) and _reach(m, teaching["cps"]) == {"student", "mask_net"}
     assert sizes == [1, 1]  # one labelled and one unlabelled image of two each
+    m.early_backward = True
+    m.zero_grad(set_to_none=True)
+    m.training_step(batch, step=1, total_steps=4, generator=torch.Generator())
+    assert all(p.grad is None for p in m.teacher.parameters())  # Adam leaves the teacher alone on this step
     student = [p.shape[0] for n, p in m.student.named_parameters() if p.dim() > 1][0]
     teacher = [p.shape[0] for n, p in m.teacher.mask_net.named_parameters() if p.dim() > 1][0]
     assert teacher * 2 == student
-    for bad in ("superdiffusion.round_every=0", "superdiffusion.round_images=0", "superdiffusion.teacher_width=0"):
+    for bad in ("superdiffusion.teacher_every=0", "superdiffusion.round_images=0", "superdiffusion.teacher_width=0"):
         with pytest.raises(InputError, match=bad.split("=")[0]):
             _cotrain(bad)
+
+
+def test_confidence_leaves_unsure_pseudo_label_pixels_out():
+    """superdiffusion.confidence (FixMatch): pixels whose source network is less sure than the threshold teach
+    nothing; with every pixel unsure the CPS term is 0, not NaN; only with the cross-entropy CPS loss."""
+    logits = torch.tensor([[[[3.0, 0.1]], [[0.0, 0.0]]]])  # (1, 2 classes, 1, 2): sure, unsure
+    assert confident_argmax(logits, 0.9).tolist() == [[[0, IGNORE]]]
+    assert confident_argmax(logits, 0.0).tolist() == [[[0, 0]]]
+    target = torch.tensor([[[1, IGNORE]]])
+    torch.testing.assert_close(masked_cross_entropy(logits, target), F.cross_entropy(logits[..., :1], target[..., :1]))
+    assert masked_cross_entropy(logits, torch.full_like(target, IGNORE)) == 0
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    plain = _cotrain("superdiffusion.rounds=0", "superdiffusion.cps_loss=ce").losses(batch, step=1, total_steps=4,
+                                                                                    generator=g())
+    none_sure = _cotrain("superdiffusion.rounds=0", "superdiffusion.cps_loss=ce", "superdiffusion.confidence=0.999999")
+    terms = none_sure.losses(batch, step=1, total_steps=4, generator=g())
+    torch.testing.assert_close(terms["sup"], plain["sup"])
+    assert plain["cps"] > 0 and terms["cps"] == 0
+    with pytest.raises(InputError, match="confidence"):
+        _cotrain("superdiffusion.confidence=0.9")  # the default Dice CPS loss

@@ -36,6 +36,20 @@ MASK_CONDITIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+IGNORE = -100  # a pseudo-label pixel that teaches nothing (cross-entropy's ignore_index)
+
+
+def confident_argmax(logits: Tensor, threshold: float) -> Tensor:
+    """Argmax pseudo-labels; pixels whose top probability is below threshold become IGNORE (FixMatch)."""
+    confidence, labels = torch.softmax(logits.detach(), 1).max(1)
+    return labels.masked_fill(confidence < threshold, IGNORE) if threshold > 0 else labels
+
+
+def masked_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy over the pixels that carry a label (IGNORE elsewhere); 0 where none does."""
+    return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum") / (target != IGNORE).sum().clamp_min(1)
+
+
 @contextmanager
 def frozen_running_stats(module: nn.Module):
     """Batch norm keeps normalising with the batch's statistics but leaves its running ones alone (momentum 0).
@@ -212,11 +226,16 @@ class CoTrain(Method):
         for key, choices in (("student", ("unet", "twin")), ("round_mode", ("independent", "chained")),
                              ("mask_condition", MASK_CONDITIONS)):
             superdiffusion_choice(sd, key, choices)
-        losses = {"dice": dice_loss(), "dice-batch": dice_loss(batch=True), "ce": nn.CrossEntropyLoss()}
+        losses = {"dice": dice_loss(), "dice-batch": dice_loss(batch=True), "ce": masked_cross_entropy}
         self.pseudo_loss = losses[superdiffusion_choice(sd, "cps_loss", losses)]
+        if not isinstance(sd["confidence"], int | float) or not 0 <= sd["confidence"] < 1:
+            raise InputError(f"superdiffusion.confidence: {sd['confidence']!r} must be a number in [0, 1)")
+        if sd["confidence"] and sd["cps_loss"] != "ce":
+            raise InputError(f"superdiffusion.confidence: {sd['confidence']} needs superdiffusion.cps_loss ce (a "
+                             "Dice cannot leave pixels out)")
         views = {"same": None, "photometric": PhotometricView()}
         self.unlabelled_view = views[superdiffusion_choice(sd, "unlabelled_view", views)]
-        for key, low in (("rounds", 0), ("round_every", 1), ("round_images", 1)):
+        for key, low in (("rounds", 0), ("teacher_every", 1), ("round_images", 1)):
             if not (key == "round_images" and sd[key] is None) and (not isinstance(sd[key], int) or sd[key] < low):
                 raise InputError(f"superdiffusion.{key}: {sd[key]!r} must be an integer >= {low}")
         self.teacher = build_teacher(self)
@@ -294,8 +313,10 @@ class CoTrain(Method):
     def losses(self, batch: Batch, *, step: int, total_steps: int, generator: torch.Generator,
                early: tuple[float, float] | None = None) -> dict[str, Tensor]:
         """Each term separately (tests check where each one's gradient goes): sup, cps, and with rounds rec and
-        align (labelled images), rec_u and align_u (unlabelled images). The rounds run every round_every-th step,
-        on the first round_images images of each batch (their cost levers).
+        align (labelled images), rec_u and align_u (unlabelled images). Cost levers: the teacher learns (its
+        supervised and CPS terms, the rounds) on every teacher_every-th step only, and between them only
+        pseudo-labels the unlabelled images, without a graph; the rounds take the first round_images images of
+        each batch.
 
         early = (w, lambda): back-propagate each part times its weight as soon as it is computed, keeping only
         its value. Every input that crosses between parts is detached (pseudo-labels, the teacher's mask, the
@@ -303,27 +324,35 @@ class CoTrain(Method):
         not the sum of all: flat in R.
         """
         sd = self.cfg["superdiffusion"]
-        rounds = sd["rounds"] and step % sd["round_every"] == 0
+        teach = step % sd["teacher_every"] == 0
+        rounds = sd["rounds"] and teach
         n = sd["round_images"]  # the rounds' share of each batch (None: all of it)
         w, lam = early if early else (None, None)
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
         out: dict[str, Tensor] = {}
 
-        p_t = self.teacher_logits(x_l, generator)  # labelled pass
-        out["sup"] = self.sup_loss(self.student_logits(x_l, generator), y) + self.sup_loss(p_t, y)
+        out["sup"] = self.sup_loss(self.student_logits(x_l, generator), y)  # labelled pass
+        if teach:
+            p_t = self.teacher_logits(x_l, generator)
+            out["sup"] = out["sup"] + self.sup_loss(p_t, y)
         if early:
             out["sup"].backward()
         if rounds:
             out["rec"], out["align"] = self.rounds(x_l[:n], p_t[:n], y[:n], generator, lam)
 
-        u_t, u_s = self.teacher_logits(x_u, generator), self.student_logits(x_u, generator)  # unlabelled pass
-        pseudo_t, pseudo_s = u_t.argmax(1).detach(), u_s.argmax(1).detach()
-        if self.unlabelled_view is not None:  # pseudo-labels of the clean view, learned on the perturbed one
+        view, grad = self.unlabelled_view is not None, torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and teach and not view):  # unlabelled pass; with a view the clean
+            u_t = self.teacher_logits(x_u, generator)               # images only give pseudo-labels: no graph
+        with torch.set_grad_enabled(grad and not view):
+            u_s = self.student_logits(x_u, generator)
+        pseudo_t, pseudo_s = (confident_argmax(p, sd["confidence"]) for p in (u_t, u_s))
+        s_v, t_v = u_s, u_t
+        if view:  # pseudo-labels of the clean view, learned on the perturbed one
             x_v = self.unlabelled_view(x_u, generator)
-            s_v, t_v = self.student_logits(x_v, generator), self.teacher_logits(x_v, generator)
-        else:
-            s_v, t_v = u_s, u_t
-        out["cps"] = self.pseudo_loss(s_v, pseudo_t) + self.pseudo_loss(t_v, pseudo_s)
+            s_v, t_v = self.student_logits(x_v, generator), self.teacher_logits(x_v, generator) if teach else None
+        out["cps"] = self.pseudo_loss(s_v, pseudo_t)
+        if teach:
+            out["cps"] = out["cps"] + self.pseudo_loss(t_v, pseudo_s)
         if early:
             (w * out["cps"]).backward()
         if rounds:
