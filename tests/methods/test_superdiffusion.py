@@ -283,7 +283,7 @@ def _reach(method: CoTrain, term: torch.Tensor) -> set[str]:
               "image_net": list(method.teacher.image_net.parameters()),
               "student": list(method.student.parameters())}
     params = [p for ps in groups.values() for p in ps]
-    assert len({id(p) for p in params}) == len(params) == len(list(method.parameters()))
+    assert len({id(p) for p in params}) == len(params) == len([p for p in method.parameters() if p.requires_grad])
     grads = iter(torch.autograd.grad(term, params, retain_graph=True, allow_unused=True))
     reached = set()
     for name, ps in groups.items():
@@ -786,8 +786,9 @@ def test_confidence_leaves_unsure_pseudo_label_pixels_out():
     """superdiffusion.confidence (FixMatch): pixels whose source network is less sure than the threshold teach
     nothing; with every pixel unsure the CPS term is 0, not NaN; only with the cross-entropy CPS loss."""
     logits = torch.tensor([[[[3.0, 0.1]], [[0.0, 0.0]]]])  # (1, 2 classes, 1, 2): sure, unsure
-    assert confident_argmax(logits, 0.9).tolist() == [[[0, IGNORE]]]
-    assert confident_argmax(logits, 0.0).tolist() == [[[0, 0]]]
+    prob = torch.softmax(logits, 1)
+    assert confident_argmax(prob, 0.9).tolist() == [[[0, IGNORE]]]
+    assert confident_argmax(prob, 0.0).tolist() == [[[0, 0]]]
     target = torch.tensor([[[1, IGNORE]]])
     torch.testing.assert_close(masked_cross_entropy(logits, target), F.cross_entropy(logits[..., :1], target[..., :1]))
     assert masked_cross_entropy(logits, torch.full_like(target, IGNORE)) == 0
@@ -800,3 +801,31 @@ def test_confidence_leaves_unsure_pseudo_label_pixels_out():
     assert plain["cps"] > 0 and terms["cps"] == 0
     with pytest.raises(InputError, match="confidence"):
         _cotrain("superdiffusion.confidence=0.9")  # the default Dice CPS loss
+
+
+def test_ema_student_pseudo_labels_and_the_student_learns_the_consensus():
+    """superdiffusion.ema: an EMA copy of the student (no gradient, updated after each step) pseudo-labels for the
+    teacher; the student's target is the argmax of the teacher's and the EMA's mean probabilities."""
+    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.ema=0.9", "superdiffusion.cps_loss=ce")
+    m.train()
+    assert not any(p.requires_grad for p in m.ema.parameters())
+    assert "ema" not in m.optimizer_groups() and set(m.predictors()) == {"student", "teacher", "ema"}
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    terms = m.losses(batch, step=1, total_steps=4, generator=g())
+    gen, x_u = g(), batch["unlabelled"]
+    m.teacher_logits(batch["image"], gen)  # the labelled pass draws first
+    u_t = m.teacher_logits(x_u, gen)
+    p_e = torch.softmax(m.ema(x_u), 1)
+    mean = (torch.softmax(u_t, 1) + p_e) / 2
+    want = F.cross_entropy(m.student_logits(x_u, gen), mean.argmax(1)) + F.cross_entropy(u_t, p_e.argmax(1))
+    assert _reach(m, terms["cps"]) == {"student", "mask_net"}
+    torch.testing.assert_close(terms["cps"], want)
+    before = [p.clone() for p in m.ema.parameters()]
+    with torch.no_grad():
+        for p in m.student.parameters():
+            p.add_(1.0)
+    m.after_step(10)
+    for b, a, s in zip(before, m.ema.parameters(), m.student.parameters(), strict=True):
+        torch.testing.assert_close(a, 0.9 * b + 0.1 * s)
+    with pytest.raises(InputError, match="ema"):
+        _cotrain("superdiffusion.ema=0.9", "superdiffusion.student=twin")

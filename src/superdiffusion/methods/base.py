@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ..nets.unet import SegNet, build_unet
 
@@ -107,3 +108,25 @@ class _IntegerTargets(nn.Module):
 def linear_ramp(step: int, total_steps: int) -> float:
     """The reference's unlabelled weight (e + 1) / E, per step instead of per epoch."""
     return min(1.0, (step + 1) / max(total_steps, 1))
+
+
+@torch.no_grad()
+def forward_batch_stats(net: nn.Module, x: Tensor) -> Tensor:
+    """net(x) as the official codes run their EMA teacher (train mode: batch statistics), but on copies of
+    its buffers, so the teacher's running statistics follow the student's by EMA only."""
+    if not net.training:
+        return net(x)
+    state = {**dict(net.named_parameters()), **{k: b.clone() for k, b in net.named_buffers()}}
+    return functional_call(net, state, (x,))
+
+
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average <- decay average + (1 - decay) model, parameters and floating buffers (BN statistics)."""
+    for a, m in zip(average.parameters(), model.parameters(), strict=True):
+        a.mul_(decay).add_(m, alpha=1 - decay)
+    for a, m in zip(average.buffers(), model.buffers(), strict=True):
+        if a.is_floating_point():
+            a.mul_(decay).add_(m, alpha=1 - decay)
+        else:  # BN's batch counter
+            a.copy_(m)

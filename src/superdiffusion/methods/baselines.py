@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from .base import Batch, Method, Stage, dice_loss
+from .base import Batch, Method, Stage, dice_loss, ema_update, forward_batch_stats
 
 
 def sigmoid_ramp(step: int, total_steps: int) -> float:
@@ -32,16 +31,6 @@ def sigmoid_ramp(step: int, total_steps: int) -> float:
 def input_noise(x: Tensor, generator: torch.Generator, std: float = 0.1, clip: float = 0.2) -> Tensor:
     """UA-MT's teacher input noise clamp(N(0, std^2), -clip, clip), drawn on CPU from the generator."""
     return (torch.randn(x.shape, generator=generator) * std).clamp(-clip, clip).to(x)
-
-
-@torch.no_grad()
-def forward_batch_stats(net: nn.Module, x: Tensor) -> Tensor:
-    """net(x) as the official codes run their EMA teacher (train mode: batch statistics), but on copies of
-    its buffers, so the teacher's running statistics follow the student's by EMA only."""
-    if not net.training:
-        return net(x)
-    state = {**dict(net.named_parameters()), **{k: b.clone() for k, b in net.named_buffers()}}
-    return functional_call(net, state, (x,))
 
 
 class MeanTeacher(Method):
@@ -99,14 +88,8 @@ class MeanTeacher(Method):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        alpha = min(1 - 1 / (step + 1), self.ema_decay) if self.ema_warmup else self.ema_decay
-        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
-            t.mul_(alpha).add_(s, alpha=1 - alpha)
-        for t, s in zip(self.teacher.buffers(), self.student.buffers()):
-            if t.is_floating_point():
-                t.mul_(alpha).add_(s, alpha=1 - alpha)
-            else:  # BN's batch counter
-                t.copy_(s)
+        ema_update(self.teacher, self.student,
+                   min(1 - 1 / (step + 1), self.ema_decay) if self.ema_warmup else self.ema_decay)
 
     def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
         return {"student": self.student, "teacher": self.teacher}

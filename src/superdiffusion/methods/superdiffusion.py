@@ -7,6 +7,7 @@ See docs/METHOD.md (sections noted below). Masks and images live in [-1, 1] when
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..data.perturb import PhotometricView
 from ..diffusion import GaussianDiffusion
 from ..errors import InputError
 from ..nets.unet import NETS, build_unet
-from .base import Batch, Method, Stage, dice_loss, linear_ramp
+from .base import Batch, Method, Stage, dice_loss, ema_update, forward_batch_stats, linear_ramp
 
 
 def to_signal(prob: Tensor) -> Tensor:
@@ -39,9 +40,10 @@ MASK_CONDITIONS: dict[str, Callable[[Tensor], Tensor]] = {
 IGNORE = -100  # a pseudo-label pixel that teaches nothing (cross-entropy's ignore_index)
 
 
-def confident_argmax(logits: Tensor, threshold: float) -> Tensor:
-    """Argmax pseudo-labels; pixels whose top probability is below threshold become IGNORE (FixMatch)."""
-    confidence, labels = torch.softmax(logits.detach(), 1).max(1)
+def confident_argmax(prob: Tensor, threshold: float) -> Tensor:
+    """Argmax pseudo-labels of class probabilities; pixels whose top probability is below threshold become IGNORE
+    (FixMatch)."""
+    confidence, labels = prob.detach().max(1)
     return labels.masked_fill(confidence < threshold, IGNORE) if threshold > 0 else labels
 
 
@@ -241,6 +243,12 @@ class CoTrain(Method):
         self.teacher = build_teacher(self)
         self.student = build_teacher(self).mask_net if sd["student"] == "twin" else self.segmentation_net()
         self.sup_loss = dice_loss(ce=True)
+        if not isinstance(sd["ema"], int | float) or not 0 <= sd["ema"] < 1:
+            raise InputError(f"superdiffusion.ema: {sd['ema']!r} must be a number in [0, 1) (0: no EMA student)")
+        if sd["ema"] and sd["student"] != "unet":
+            raise InputError("superdiffusion.ema: needs superdiffusion.student unet (the twin takes a noised mask)")
+        # an exponential moving average of the student: its pseudo-labels, not the student's own (Mean Teacher)
+        self.ema = copy.deepcopy(self.student).requires_grad_(False) if sd["ema"] else None
         if sd["init"]:
             self.load_teacher(sd["init"])
 
@@ -343,10 +351,17 @@ class CoTrain(Method):
         view, grad = self.unlabelled_view is not None, torch.is_grad_enabled()
         with torch.set_grad_enabled(grad and teach and not view):  # unlabelled pass; with a view the clean
             u_t = self.teacher_logits(x_u, generator)               # images only give pseudo-labels: no graph
-        with torch.set_grad_enabled(grad and not view):
-            u_s = self.student_logits(x_u, generator)
-        pseudo_t, pseudo_s = (confident_argmax(p, sd["confidence"]) for p in (u_t, u_s))
-        s_v, t_v = u_s, u_t
+        prob_t = torch.softmax(u_t.detach(), 1)
+        if self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
+            prob_s = torch.softmax(forward_batch_stats(self.ema, x_u).detach(), 1)
+            prob_t = (prob_t + prob_s) / 2
+        if self.ema is None or not view:
+            with torch.set_grad_enabled(grad and not view):
+                u_s = self.student_logits(x_u, generator)
+            if self.ema is None:
+                prob_s = torch.softmax(u_s.detach(), 1)
+        pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
+        s_v, t_v = (None if view else u_s), u_t
         if view:  # pseudo-labels of the clean view, learned on the perturbed one
             x_v = self.unlabelled_view(x_u, generator)
             s_v, t_v = self.student_logits(x_v, generator), self.teacher_logits(x_v, generator) if teach else None
@@ -373,10 +388,16 @@ class CoTrain(Method):
         loss = labelled + w * unlabelled
         return loss, {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "w": w}
 
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        if self.ema is not None:
+            ema_update(self.ema, self.student, min(1 - 1 / (step + 1), self.cfg["superdiffusion"]["ema"]))
+
     def predictors(self):
         student: Callable[[Tensor], Tensor] = self.student if isinstance(self.student, NETS) and \
             self.student.time_mlp is None else self._twin_fixed
-        return {"student": student, "teacher": self.teacher.predictor()}
+        return {"student": student, "teacher": self.teacher.predictor(),
+                **({"ema": self.ema} if self.ema is not None else {})}
 
     def _twin_fixed(self, x: Tensor) -> Tensor:
         c = self.cfg["diffusion"]
