@@ -21,7 +21,7 @@ from ..data.splits import write_split
 from ..errors import InputError
 from ..evaluation.inference import evaluate_cases
 from ..evaluation.metrics import summarize
-from ..methods import build_method, method_class
+from ..methods import METHODS, build_method, method_class
 from ..methods.base import Stage
 from ..nets.unet import ARCHS
 from . import distributed, host
@@ -105,8 +105,11 @@ NEUTRAL_KEYS = frozenset({"train.hold_memory"})
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
-    """The dotted keys whose values differ (sorted), neutral keys left out."""
-    return sorted(k for k in _diff_keys(old, new) if k not in NEUTRAL_KEYS)
+    """The dotted keys whose values differ (sorted), neutral keys left out, and the diffusion sections when neither
+    config's method reads them (a protocol's SuperDiffusion settings do not touch its supervised runs)."""
+    reads = [getattr(METHODS.get(c.get("method")), "reads_diffusion", True) for c in (old, new)]
+    unread = () if any(reads) else ("diffusion.", "superdiffusion.")
+    return sorted(k for k in _diff_keys(old, new) if k not in NEUTRAL_KEYS and not k.startswith(unread))
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

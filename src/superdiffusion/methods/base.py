@@ -25,6 +25,8 @@ class Method(nn.Module):
 
     name = "method"
     uses_unlabelled = False  # whether the trainer must feed an unlabelled stream ("unlabelled" key)
+    # the config sections only the diffusion methods read: a change there leaves other methods' runs as they are
+    reads_diffusion = False
     # Set by the trainer when gradients are zeroed before the step and no DDP reducer waits for a single
     # backward: a method may then back-propagate independent parts of its loss inside the step, to free
     # memory, and return them detached.

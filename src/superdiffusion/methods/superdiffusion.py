@@ -176,6 +176,7 @@ class Pretrain(Method):
     """
 
     name = "pretrain"
+    reads_diffusion = True
     reads_labels = False  # the trainer serves every training image, labels stripped
     validates = False  # no label is used, not even to pick a checkpoint: the last one is kept
 
@@ -219,6 +220,7 @@ class CoTrain(Method):
     """
 
     name = "cotrain"
+    reads_diffusion = True
     uses_unlabelled = True
     step_cost = 16.0  # R = 3
 
