@@ -174,6 +174,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {"model.arch": "double-conv"}
 REMOVED_KEYS: dict[str, str] = {
     "superdiffusion.align_unlabelled": "the unlabelled images' round terms are always ramped by w, as the reference's",
     "superdiffusion.student_passes": "labelled and unlabelled batches always take separate passes, as the reference's",
+    "superdiffusion.round_every": "replaced by teacher_every (the rounds train only the teacher: its schedule)",
 }
 
 
