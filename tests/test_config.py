@@ -160,7 +160,7 @@ def test_shipped_config_by_name():
     cfg = load_config("demo")
     assert cfg == load_config("demo.yaml") == load_config(PACKAGE_CONFIGS / "demo.yaml")
     assert cfg["data"]["format"] == "synthetic"
-    assert cfg["split"]["labelled"] == 4 and cfg["split"]["val"] == 8
+    assert cfg["split"]["labelled"] == 2 and cfg["split"]["val"] == 16
     assert cfg["train"]["steps"] == 300
     # keys the demo does not set keep the defaults
     assert cfg["diffusion"] == DEFAULTS["diffusion"]
