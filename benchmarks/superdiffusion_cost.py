@@ -26,6 +26,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "co-training R=3, every step, full teacher": ("cotrain", [*FULL, "superdiffusion.rounds=3"]),
     "co-training R=0, every step, full teacher": ("cotrain", [*FULL, "superdiffusion.rounds=0"]),
     "co-training as la2d (R=3 on 4 images, half-width teacher every 8th step)": ("cotrain", LA2D),
+    "la2d, teacher at quarter width learning every step": ("cotrain", [*LA2D, "superdiffusion.teacher_every=1",
+                                                                        "superdiffusion.teacher_width=0.25"]),
+    "la2d, teacher learning every 2nd step": ("cotrain", [*LA2D, "superdiffusion.teacher_every=2"]),
     "la2d without the photometric view": ("cotrain", [*LA2D, "superdiffusion.unlabelled_view=same"]),
     "la2d without the EMA student": ("cotrain", [*LA2D, "superdiffusion.ema=0"]),
 }
