@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY_2D
 
 import superdiffusion as sd
 from superdiffusion.data.synthetic import make_synthetic_case
 from superdiffusion.errors import InputError
 
-TINY = ["method=supervised", "data.synthetic={cases: 10, shape: [32, 32], seed: 0}", "split.labelled=3",
-        "split.val=3", "model.channels=[4, 8]", "train.steps=4", "train.patch=[32, 32]", "train.batch_size=2",
-        "train.val_every=0", "train.ckpt_every=4", "train.threads=1"]
+TINY = ["method=supervised", *TINY_2D, "train.steps=4", "train.val_every=0", "train.ckpt_every=4"]
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,14 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import TINY_2D
 
 import superdiffusion as sd
 from superdiffusion.bench.html import markdown_html, write_report
 from superdiffusion.cli.main import main
 from superdiffusion.errors import InputError
 
-TINY = ["method=supervised", "data.synthetic={cases: 10, shape: [32, 32], seed: 0}", "split.labelled=3",
-        "split.val=3", "model.channels=[4, 8]", "train.steps=6", "train.patch=[32, 32]", "train.batch_size=2",
-        "train.val_every=3", "train.ckpt_every=6", "train.threads=1"]
+TINY = ["method=supervised", *TINY_2D, "train.ckpt_every=6"]
 
 
 @pytest.fixture(scope="module")
