@@ -73,17 +73,22 @@ def paired(rows: list[dict], label: str, fraction, reference: str = REFERENCE) -
     if all(a[k][1] == b[k][1] for k in keys):
         return len(keys), 0.0, f"n/a (the same runs as {reference})"
     d = np.array([a[k][0] - b[k][0] for k in keys])
+    return len(d), float(d.mean()) if np.any(d) else 0.0, wilcoxon_p(d)
+
+
+def wilcoxon_p(d: np.ndarray) -> str:
+    """The two-sided Wilcoxon signed-rank p of paired differences, as text; 'n/a (why)' where there is none."""
     if len(d) < 2:
-        return len(d), float(d.mean()), "n/a (too few pairs)"
+        return "n/a (too few pairs)"
     if not np.any(d):
-        return len(d), 0.0, "n/a (all differences zero)"
+        return "n/a (all differences zero)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             p = float(wilcoxon(d).pvalue)
     except ValueError as err:
-        return len(d), float(d.mean()), f"n/a ({err})"
-    return len(d), float(d.mean()), f"{p:.3g}" if np.isfinite(p) else "n/a"
+        return f"n/a ({err})"
+    return f"{p:.3g}" if np.isfinite(p) else "n/a"
 
 
 # --------------------------------------------------------------------------------------------- summary

@@ -4,12 +4,11 @@ same labelled cases, same validation split, same co-training step budget, side b
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import wilcoxon
 
+from ..bench.report import wilcoxon_p
 from ..config import load_config
 from ..engine.run import mean_table, train_run
 
@@ -42,12 +41,9 @@ def run_demo(out: Path, *, steps: int | None = None, progress: bool = True) -> d
 def gain_line(method: dict[str, float], reference: dict[str, float]) -> str:
     """SuperDiffusion's Dice minus supervised's, per validation case (paired), in one sentence."""
     d = np.array([method[c] - reference[c] for c in sorted(set(method) & set(reference))])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p = float(wilcoxon(d).pvalue) if len(d) > 1 and np.any(d) else float("nan")
     verdict = "gains" if d.mean() > 0 else "loses"
     return (f"SuperDiffusion {verdict} {d.mean():+.3f} Dice over supervised: better on {int((d > 0).sum())} of "
-            f"{len(d)} validation cases (paired Wilcoxon p = {p:.2g}).")
+            f"{len(d)} validation cases (paired Wilcoxon p = {wilcoxon_p(d)}).")
 
 
 def format_table(rows: dict[str, dict], *, n_lab: int, n_unlab: int, n_val: int, seed: int, checkpoint: str) -> str:
