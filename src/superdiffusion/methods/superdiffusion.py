@@ -167,6 +167,13 @@ def superdiffusion_choice(sd: dict, key: str, choices) -> str:
     return sd[key]
 
 
+def superdiffusion_fraction(sd: dict, key: str, note: str = "") -> float:
+    """sd[key] if it is a number in [0, 1), else a one-line error naming the key (and what 0 means: note)."""
+    if not isinstance(sd[key], int | float) or not 0 <= sd[key] < 1:
+        raise InputError(f"superdiffusion.{key}: {sd[key]!r} must be a number in [0, 1){note}")
+    return float(sd[key])
+
+
 class Pretrain(Method):
     """Stage 1 (section 2): the cycle image -> mask -> image, without any label.
 
@@ -232,9 +239,7 @@ class CoTrain(Method):
             superdiffusion_choice(sd, key, choices)
         losses = {"dice": dice_loss(), "dice-batch": dice_loss(batch=True), "ce": masked_cross_entropy}
         self.pseudo_loss = losses[superdiffusion_choice(sd, "cps_loss", losses)]
-        if not isinstance(sd["confidence"], int | float) or not 0 <= sd["confidence"] < 1:
-            raise InputError(f"superdiffusion.confidence: {sd['confidence']!r} must be a number in [0, 1)")
-        if sd["confidence"] and sd["cps_loss"] != "ce":
+        if superdiffusion_fraction(sd, "confidence") and sd["cps_loss"] != "ce":
             raise InputError(f"superdiffusion.confidence: {sd['confidence']} needs superdiffusion.cps_loss ce (a "
                              "Dice cannot leave pixels out)")
         views = {"same": None, "photometric": PhotometricView()}
@@ -245,9 +250,7 @@ class CoTrain(Method):
         self.teacher = build_teacher(self)
         self.student = build_teacher(self).mask_net if sd["student"] == "twin" else self.segmentation_net()
         self.sup_loss = dice_loss(ce=True)
-        if not isinstance(sd["ema"], int | float) or not 0 <= sd["ema"] < 1:
-            raise InputError(f"superdiffusion.ema: {sd['ema']!r} must be a number in [0, 1) (0: no EMA student)")
-        if sd["ema"] and sd["student"] != "unet":
+        if superdiffusion_fraction(sd, "ema", " (0: no EMA student)") and sd["student"] != "unet":
             raise InputError("superdiffusion.ema: needs superdiffusion.student unet (the twin takes a noised mask)")
         # an exponential moving average of the student: its pseudo-labels, not the student's own (Mean Teacher)
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if sd["ema"] else None
