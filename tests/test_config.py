@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from superdiffusion.config import DEFAULTS, PACKAGE_CONFIGS, dump_config, load_config, shipped_configs
+from superdiffusion.config import DEFAULTS, PACKAGE_CONFIGS, dump_config, load_config, parse_sets, shipped_configs
 from superdiffusion.errors import InputError
 
 
@@ -78,6 +78,8 @@ def test_scientific_notation_numbers_are_floats(tmp_path):
     path = tmp_path / "sci.yaml"
     path.write_text("train:\n  lr: 3e-4\n")
     assert isinstance(load_config(path)["train"]["lr"], float)
+    # bench --set reads the same way (it once parsed 1e-3 as the string "1e-3")
+    assert parse_sets(["train.lr=1e-3"]) == {"train": {"lr": pytest.approx(1e-3)}}
 
 
 @pytest.mark.parametrize(("override", "key"), [

@@ -150,21 +150,51 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         merge(cfg, read_yaml(resolve_config_path(path)), where=str(path))
-    for item in overrides:
+    merge(cfg, parse_sets(list(overrides)), where="--set")
+    return cfg
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set key.sub=value` items (values parsed as YAML, as config files are) -> one nested override tree."""
+    flat = {}
+    for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise InputError(f"--set {item!r}: expected key=value, e.g. train.steps=200")
-        tree: dict[str, Any] = {}
-        node = tree
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
         try:
-            node[leaf] = parse_yaml(value) if value.strip() else None
+            flat[key.strip()] = parse_yaml(value) if value.strip() else None
         except yaml.YAMLError as err:
             raise InputError(f"--set {key}: value {value!r} is not valid YAML") from err
-        merge(cfg, tree, where=f"--set {key}")
-    return cfg
+    return dotted_tree(flat, where="--set")
+
+
+def dotted_tree(overrides: dict, *, where: str) -> dict:
+    """`{"a.b": 1, "c": {"d": 2}}` -> `{"a": {"b": 1}, "c": {"d": 2}}` (validated later by merge)."""
+    if not isinstance(overrides, dict):
+        raise InputError(f"{where}: overrides must be a mapping of config keys to values")
+    tree: dict = {}
+    for key, value in overrides.items():
+        *parents, leaf = str(key).split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise InputError(f"{where}: {key!r} clashes with another override")
+        if isinstance(value, dict):
+            value = dotted_tree(value, where=where)
+            if isinstance(node.get(leaf), dict):
+                deep_update(node[leaf], value)
+                continue
+        node[leaf] = value
+    return tree
+
+
+def deep_update(base: dict, update: dict) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
 
 
 # Keys whose default changed: a stored config without them was made with these values.
@@ -178,6 +208,15 @@ REMOVED_KEYS: dict[str, str] = {
 }
 
 
+def parent_of(tree: dict[str, Any], dotted: str) -> tuple[dict[str, Any] | None, str]:
+    """The mapping that holds a dotted key's last part (None where the path is absent), and that part."""
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
+
+
 def complete(stored: dict[str, Any], *, where: str) -> dict[str, Any]:
     """A config stored by an earlier version, with keys added since then at their defaults (or, where a new
     key's default is not the old behaviour, at LEGACY_DEFAULTS) and keys removed since then dropped.
@@ -189,19 +228,13 @@ def complete(stored: dict[str, Any], *, where: str) -> dict[str, Any]:
         raise InputError(f"{where}: a config must be a mapping of keys to values")
     cfg, stored = copy.deepcopy(DEFAULTS), copy.deepcopy(stored)
     for dotted in REMOVED_KEYS:
-        *parents, leaf = dotted.split(".")
-        node = stored
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, leaf = parent_of(stored, dotted)
+        if node is not None:
             node.pop(leaf, None)
     for dotted, value in LEGACY_DEFAULTS.items():
-        *parents, leaf = dotted.split(".")
-        node, here = cfg, stored
-        for p in parents:
-            node, here = node[p], here.get(p) if isinstance(here, dict) else None
-        if not isinstance(here, dict) or leaf not in here:
-            node[leaf] = value
+        here, leaf = parent_of(stored, dotted)
+        if here is None or leaf not in here:
+            parent_of(cfg, dotted)[0][leaf] = value
     merge(cfg, stored, where=where)
     return cfg
 

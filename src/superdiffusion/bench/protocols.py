@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import DEFAULTS, merge, read_yaml
+from ..config import DEFAULTS, dotted_tree, merge, read_yaml
 from ..errors import InputError
 from ..methods import method_class
 
@@ -75,46 +73,6 @@ def resolve_protocol(name: str | Path) -> Path:
         return Path(name)
     raise InputError(f"--protocol {name}: unknown protocol (shipped: {', '.join(shipped_protocols())}; "
                      "or give a protocol YAML file)")
-
-
-def dotted_tree(overrides: dict, *, where: str) -> dict:
-    """`{"a.b": 1, "c": {"d": 2}}` -> `{"a": {"b": 1}, "c": {"d": 2}}` (validated later by merge)."""
-    if not isinstance(overrides, dict):
-        raise InputError(f"{where}: overrides must be a mapping of config keys to values")
-    tree: dict = {}
-    for key, value in overrides.items():
-        *parents, leaf = str(key).split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise InputError(f"{where}: {key!r} clashes with another override")
-        if isinstance(value, dict):
-            value = dotted_tree(value, where=where)
-            if isinstance(node.get(leaf), dict):
-                _deep_update(node[leaf], value)
-                continue
-        node[leaf] = value
-    return tree
-
-
-def _deep_update(base: dict, update: dict) -> None:
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
-        else:
-            base[k] = v
-
-
-def parse_sets(items: list[str]) -> dict:
-    """`--set key.sub=value` items (values parsed as YAML) -> one nested override tree."""
-    flat = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--set {item!r}: expected key=value, e.g. train.steps=200")
-        flat[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return dotted_tree(flat, where="--set")
 
 
 def apply(cfg: dict, overrides: dict, *, where: str) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import merge, read_stored_config
+from ..config import merge, parse_sets, read_stored_config
 from ..data.pipeline import case_ids, load_cases
 from ..data.splits import make_split
 from ..engine.run import DONE, check_config, config_changes, train_run
@@ -28,7 +28,7 @@ from ..evaluation.inference import segment
 from ..evaluation.metrics import METRICS, case_metrics
 from ..evaluation.predict import load_run
 from ..methods import method_class
-from .protocols import Ablation, Protocol, apply, folder_name, load_protocol, parse_sets, same_config
+from .protocols import Ablation, Protocol, apply, folder_name, load_protocol, same_config
 
 RESERVED_SETS = {"method": "--methods", "seed": "--seeds", "split.seed": "--seeds", "split.labelled": "--fractions"}
 
