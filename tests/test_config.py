@@ -70,6 +70,13 @@ def test_later_set_wins_and_value_may_contain_equals():
     assert cfg["data"]["root"] == "/a=b"
 
 
+def test_two_mappings_set_for_one_key_both_apply():
+    sets = ["data.synthetic={cases: 3}", "data.synthetic={shape: [8, 8]}"]
+    assert load_config(None, sets)["data"]["synthetic"] == {**DEFAULTS["data"]["synthetic"], "cases": 3,
+                                                            "shape": [8, 8]}
+    assert parse_sets(sets) == {"data": {"synthetic": {"cases": 3, "shape": [8, 8]}}}
+
+
 def test_scientific_notation_numbers_are_floats(tmp_path):
     cfg = load_config(None, ["train.lr=1e-3", "train.weight_decay=1e-4", "superdiffusion.pretrain_lr=2e-4"])
     assert cfg["train"]["lr"] == pytest.approx(1e-3)

@@ -155,17 +155,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str,
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
-    """`--set key.sub=value` items (values parsed as YAML, as config files are) -> one nested override tree."""
-    flat = {}
+    """`--set key.sub=value` items (values parsed as YAML, as config files are) -> one nested override tree.
+
+    Each item merges into the tree, as into a config: a later one wins, and two mappings set for one key keep both
+    (`data.synthetic={cases: 3}` then `data.synthetic={seed: 1}` sets both).
+    """
+    tree: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--set {item!r}: expected key=value, e.g. train.steps=200")
         try:
-            flat[key.strip()] = parse_yaml(value) if value.strip() else None
+            parsed = parse_yaml(value) if value.strip() else None
         except yaml.YAMLError as err:
             raise InputError(f"--set {key}: value {value!r} is not valid YAML") from err
-    return dotted_tree(flat, where="--set")
+        deep_update(tree, dotted_tree({key.strip(): parsed}, where="--set"))
+    return tree
 
 
 def dotted_tree(overrides: dict, *, where: str) -> dict:
@@ -190,6 +195,7 @@ def dotted_tree(overrides: dict, *, where: str) -> dict:
 
 
 def deep_update(base: dict, update: dict) -> None:
+    """base <- update in place, mappings merged key by key, anything else replaced."""
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             deep_update(base[k], v)
