@@ -308,14 +308,16 @@ def test_gradient_routing(student, round_mode):
     assert _reach(m, terms["sup"]) == {"student", "mask_net"}
 
 
+@pytest.mark.parametrize("norm", ["batch", "instance"])
 @pytest.mark.parametrize("round_mode", ["independent", "chained"])
-def test_early_backward_gives_the_same_gradient(round_mode):
-    """Back-propagating the main terms, then each round, at once (memory of the largest part) equals one
-    backward of the whole loss."""
+def test_early_backward_gives_the_same_gradient(round_mode, norm):
+    """Back-propagating the main terms, then each pass of the rounds, at once (memory of the largest part) equals
+    one backward of the whole loss; with instance norm the passes are joint and independent rounds batched."""
     grads = []
     for early in (False, True):
         m = _cotrain("superdiffusion.rounds=3", f"superdiffusion.round_mode={round_mode}",
-                     "superdiffusion.round_weight=0.7")
+                     "superdiffusion.round_weight=0.7", f"model.norm={norm}")
+        assert m.batch_free is (norm == "instance")
         m.train()
         m.early_backward = early
         m.zero_grad()
@@ -673,20 +675,18 @@ def test_removed_switches_are_named_and_old_runs_still_load():
 
 def test_unlabelled_view_photometric_learns_clean_pseudo_labels_on_perturbed_images():
     """superdiffusion.unlabelled_view=photometric: pseudo-labels from the clean images, each network's CPS loss
-    on a perturbed view (FixMatch); the supervised term is untouched and the CPS term still trains both."""
+    on a perturbed view (FixMatch); the supervised term is the same sum and the CPS term still trains both."""
     batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
-    same = _cotrain("superdiffusion.rounds=0").losses(batch, step=1, total_steps=4, generator=g())
     m = _cotrain("superdiffusion.rounds=0", "superdiffusion.unlabelled_view=photometric")
     m.train()
     terms = m.losses(batch, step=1, total_steps=4, generator=g())
-    torch.testing.assert_close(terms["sup"], same["sup"])
-    assert not torch.allclose(terms["cps"], same["cps"])
-    gen, x_u = g(), batch["unlabelled"]
-    m.teacher_logits(batch["image"], gen)  # the labelled pass draws first
-    p_t, p_s = m.teacher_logits(x_u, gen), m.student_logits(x_u, gen)
-    x_v = m.unlabelled_view(x_u, gen)
+    gen, (x_l, y), x_u = g(), (batch["image"], batch["label"]), batch["unlabelled"]
+    x_v = m.unlabelled_view(x_u, gen)  # drawn first: the networks' learning passes take it
     assert not torch.allclose(x_v, x_u)
-    u_s, u_t = m.student_logits(x_v, gen), m.teacher_logits(x_v, gen)
+    s_l, u_s, t_l, u_t = (m.student_logits(x_l), m.student_logits(x_v), m.teacher_logits(x_l, gen),
+                          m.teacher_logits(x_v, gen))
+    p_t, p_s = m.teacher_logits(x_u, gen), m.student_logits(x_u, gen)  # pseudo-labels of the clean images
+    torch.testing.assert_close(terms["sup"], m.sup_loss(s_l, y) + m.sup_loss(t_l, y))
     want = m.pseudo_loss(u_s, p_t.argmax(1)) + m.pseudo_loss(u_t, p_s.argmax(1))
     torch.testing.assert_close(terms["cps"], want)
     assert _reach(m, terms["cps"]) == {"student", "mask_net"}
@@ -711,9 +711,27 @@ def test_labelled_and_unlabelled_batches_take_separate_passes():
     bn.register_forward_pre_hook(lambda mod, _: setattr(mod, "before", mod.running_mean.clone()))
     bn.register_forward_hook(lambda mod, *_: moved.append(not torch.equal(mod.before, mod.running_mean)))
     m.losses(batch, step=1, total_steps=4, generator=g())
-    # the mask pathway runs on the real labelled and unlabelled images, then twice per round on re-syntheses:
-    # only the real passes move the running statistics that inference uses
-    assert moved == [True, False, False, True, False, False]
+    # the mask pathway runs on the real labelled and unlabelled images, then once per round on the re-synthesised
+    # labelled and unlabelled images: only the real passes move the running statistics that inference uses
+    assert moved == [True, True, False, False, False, False]
+
+
+def test_without_batch_statistics_images_share_passes(monkeypatch):
+    """Instance norm: labelled and unlabelled images take one pass per network (the same outputs as separate
+    passes), and R independent rounds one image-pathway pass over R copies of the batch; chained rounds, each
+    starting from the last one's mask, one pass per round."""
+    m = _cotrain("model.norm=instance", "superdiffusion.rounds=3").eval()
+    a, b = _images(3)[0], _images(2, seed=1)[0]
+    for got, want in zip(m.passes(lambda x, g: m.student(x), [a, b], torch.Generator()), (m.student(a), m.student(b)),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for mode, sizes in (("independent", [6, 6]), ("chained", [2] * 6)):
+        m = _cotrain("model.norm=instance", "superdiffusion.rounds=3", f"superdiffusion.round_mode={mode}",
+                     "superdiffusion.round_images=2").train()
+        seen = []
+        m.teacher.image_net.register_forward_pre_hook(lambda mod, args, seen=seen: seen.append(len(args[0])))
+        terms = m.losses(_small_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(0))
+        assert seen == sizes and {"rec", "align", "rec_u", "align_u"} <= set(terms)
 
 
 def test_frozen_running_stats_normalise_by_the_batch_and_restore_momentum():

@@ -8,37 +8,49 @@ geometry, so a pseudo-label of the clean view is the right target for the pertur
 from __future__ import annotations
 
 import torch
-from monai.transforms import (
-    Compose,
-    RandAdjustContrast,
-    RandGaussianNoise,
-    RandGaussianSmooth,
-    RandScaleIntensity,
-    RandShiftIntensity,
-)
-from monai.utils import convert_to_tensor
+from monai.networks.layers import GaussianFilter
 from torch import Tensor
 
 
 class PhotometricView:
-    """Random intensity scale and shift, gamma, blur and noise (MONAI's transforms), per image of a batch.
+    """Random intensity scale and shift, gamma, blur and noise, each drawn per image of a batch, in the order and
+    with the ranges of MONAI's RandScaleIntensity(0.25), RandShiftIntensity(0.25), RandAdjustContrast((0.6, 1.6)),
+    RandGaussianSmooth(sigma 0.25-1, at prob / 2) and RandGaussianNoise(std up to 0.1); the blur is MONAI's
+    GaussianFilter.
 
-    Images are in [-1, 1] (the pipeline's intensity scaling); the draws come from the caller's generator,
-    so a resumed run perturbs exactly as an uninterrupted one.
+    Why batched tensor maths rather than those transforms: they run image by image, and on 16 slices of 96x96
+    took 26 ms, a tenth of a co-training step; this takes a few. Images are in [-1, 1] (the pipeline's intensity
+    scaling); every draw comes from the caller's generator, so a resumed run perturbs exactly as an uninterrupted
+    one.
     """
 
-    def __init__(self, *, prob: float = 0.8):
-        self.transform = Compose([
-            RandScaleIntensity(factors=0.25, prob=prob),
-            RandShiftIntensity(offsets=0.25, prob=prob),
-            RandAdjustContrast(gamma=(0.6, 1.6), prob=prob),
-            RandGaussianSmooth(sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0), prob=prob / 2),
-            RandGaussianNoise(std=0.1, prob=prob),
-        ])
+    def __init__(self, *, prob: float = 0.8, scale: float = 0.25, shift: float = 0.25,
+                 gamma: tuple[float, float] = (0.6, 1.6), sigma: tuple[float, float] = (0.25, 1.0),
+                 noise_std: float = 0.1):
+        self.prob, self.scale, self.shift, self.gamma, self.sigma, self.noise_std = (prob, scale, shift, gamma,
+                                                                                     sigma, noise_std)
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        self.transform.set_random_state(seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))
-        out = torch.empty_like(x)  # keeps the batch's memory format (channels-last)
-        for i, image in enumerate(x):
-            out[i] = convert_to_tensor(self.transform(image), track_meta=False)
-        return out
+        n, spatial = len(x), x.ndim - 2
+
+        def uniform(low: float, high: float, p: float, neutral: float) -> Tensor:
+            """One value per image, broadcastable over it; `neutral` where the perturbation is not drawn (prob p)."""
+            value = low + (high - low) * torch.rand(n, generator=generator)
+            value = torch.where(torch.rand(n, generator=generator) < p, value, torch.full_like(value, neutral))
+            return value.to(x).view(n, *[1] * (x.ndim - 1))
+
+        scale = uniform(-self.scale, self.scale, self.prob, 0.0)
+        shift = uniform(-self.shift, self.shift, self.prob, 0.0)
+        gamma = uniform(*self.gamma, self.prob, 1.0)
+        blur = torch.rand(n, generator=generator) < self.prob / 2
+        sigmas = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * torch.rand(n, spatial, generator=generator)
+        std = uniform(0.0, self.noise_std, self.prob, 0.0)
+        noise = torch.randn(x.shape, generator=generator).to(x)
+
+        out = x * (1 + scale) + shift
+        low = out.flatten(1).amin(1).view_as(gamma)
+        span = out.flatten(1).amax(1).view_as(gamma) - low
+        out = ((out - low) / (span + 1e-7)).clamp_min(0) ** gamma * span + low  # AdjustContrast's gamma
+        for i in blur.nonzero().flatten().tolist():
+            out[i] = GaussianFilter(spatial, sigmas[i].tolist())(out[i:i + 1])[0]
+        return torch.empty_like(x).copy_(out + noise * std)  # keeps the batch's memory format (channels-last)

@@ -254,6 +254,8 @@ class CoTrain(Method):
             raise InputError("superdiffusion.ema: needs superdiffusion.student unet (the twin takes a noised mask)")
         # an exponential moving average of the student: its pseudo-labels, not the student's own (Mean Teacher)
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if sd["ema"] else None
+        # no layer normalises over the batch (instance norm): images may share passes without changing each other
+        self.batch_free = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
         if sd["init"]:
             self.load_teacher(sd["init"])
 
@@ -295,33 +297,49 @@ class CoTrain(Method):
                scale: float | None) -> tuple[Tensor, Tensor]:
         """Section 4 on one batch: the per-round means of L_rec and L_align, starting from the teacher's logits.
 
-        scale: back-propagate each round's terms times scale / R as soon as they are computed (the image
+        Independent rounds all start from the teacher's mask, so where no layer normalises over the batch they
+        take one pass of R copies of the batch (a few large passes are cheaper than many small ones); chained
+        rounds, each starting from the last one's mask, go one after another.
+        scale: back-propagate each pass's terms times scale / R as soon as they are computed (the image
         pathway's graph before the mask pathway's is built) and return values only. The mask pathway's passes on
         re-synthesised images leave its batch-norm running statistics alone: those describe real images.
         """
         sd, T, d = self.cfg["superdiffusion"], self.teacher, self.teacher.diffusion
         R, condition = sd["rounds"], MASK_CONDITIONS[sd["mask_condition"]]
         mask = condition(logits).detach()
+        copies = R if sd["round_mode"] == "independent" and self.batch_free else 1
+        if copies > 1:
+            x, mask, target = x.repeat(copies, *[1] * (x.ndim - 1)), mask.repeat(copies, *[1] * (x.ndim - 1)), \
+                target.repeat(copies, *[1] * (target.ndim - 1))
         rec = align = torch.zeros((), device=x.device)
-        for _ in range(R):
+        for _ in range(R // copies):
             t = d.sample_timesteps(len(x), generator=generator)
             eps = torch.randn(x.shape, generator=generator).to(x)
             eps_hat, x_t = T.image_noise(x, mask, t, eps)
             x_r = d.predict_x0_from_eps(x_t, t, eps_hat).detach().clamp(-1, 1)
-            r_rec = F.mse_loss(eps_hat, eps)
+            r_rec = F.mse_loss(eps_hat, eps)  # equal-sized copies: the mean over them is the mean of the rounds'
             if scale is not None:
-                (scale / R * r_rec).backward()
+                (scale * copies / R * r_rec).backward()
                 r_rec = r_rec.detach()
             with frozen_running_stats(T.mask_net):
                 p_r = self.teacher_logits(x_r, generator)
-            r_align = self.pseudo_loss(p_r, target)
+            r_align = sum(self.pseudo_loss(p, y) for p, y in zip(p_r.chunk(copies), target.chunk(copies),
+                                                                  strict=True)) / copies
             if sd["round_mode"] == "chained":
                 mask = condition(p_r).detach()
             if scale is not None:
-                (scale / R * r_align).backward()
+                (scale * copies / R * r_align).backward()
                 r_align = r_align.detach()
-            rec, align = rec + r_rec, align + r_align
+            rec, align = rec + r_rec * copies, align + r_align * copies
         return rec / R, align / R
+
+    def passes(self, net: Callable[..., Tensor], parts: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+        """net on each part: in one pass over all of them where no layer normalises over the batch (instance norm:
+        the same outputs, and one large pass costs less than two small ones), else one pass each (batch norm: as
+        the reference, labelled and unlabelled images never share batch statistics)."""
+        if not self.batch_free:
+            return [net(part, generator) for part in parts]
+        return list(net(torch.cat(parts), generator).split([len(part) for part in parts]))
 
     def losses(self, batch: Batch, *, step: int, total_steps: int, generator: torch.Generator,
                early: tuple[float, float] | None = None) -> dict[str, Tensor]:
@@ -329,53 +347,44 @@ class CoTrain(Method):
         align (labelled images), rec_u and align_u (unlabelled images). Cost levers: the teacher learns (its
         supervised and CPS terms, the rounds) on every teacher_every-th step only, and between them only
         pseudo-labels the unlabelled images, without a graph; the rounds take the first round_images images of
-        each batch.
+        each batch; each network takes its labelled and unlabelled images in one pass where that changes nothing
+        (`passes`).
 
-        early = (w, lambda): back-propagate each part times its weight as soon as it is computed, keeping only
-        its value. Every input that crosses between parts is detached (pseudo-labels, the teacher's mask, the
-        re-synthesised images), so the gradient is the same, but the step's memory is that of its largest part,
-        not the sum of all: flat in R.
+        early = (w, lambda): back-propagate each part times its weight as soon as it is computed (the supervised
+        and CPS terms together, then each pass of the rounds), keeping only its value. Every input that crosses
+        between parts is detached (pseudo-labels, the teacher's mask, the re-synthesised images), so the gradient
+        is the same, but the step's memory is that of its largest part, not the sum of all.
         """
         sd = self.cfg["superdiffusion"]
         teach = step % sd["teacher_every"] == 0
-        rounds = sd["rounds"] and teach
         n = sd["round_images"]  # the rounds' share of each batch (None: all of it)
-        w, lam = early if early else (None, None)
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
-        out: dict[str, Tensor] = {}
+        view = self.unlabelled_view is not None
+        # what the networks learn from: the labelled images and the unlabelled ones, or with a view (weak-to-strong)
+        # a perturbed copy of them whose pseudo-labels come from the clean images
+        x_v = self.unlabelled_view(x_u, generator) if view else x_u
+        s_l, s_v = self.passes(self.student_logits, [x_l, x_v], generator)
+        t_l, t_v = self.passes(self.teacher_logits, [x_l, x_v], generator) if teach else (None, None)
 
-        out["sup"] = self.sup_loss(self.student_logits(x_l, generator), y)  # labelled pass
-        if teach:
-            p_t = self.teacher_logits(x_l, generator)
-            out["sup"] = out["sup"] + self.sup_loss(p_t, y)
-        if early:
-            out["sup"].backward()
-        if rounds:
-            out["rec"], out["align"] = self.rounds(x_l[:n], p_t[:n], y[:n], generator, lam)
-
-        view, grad = self.unlabelled_view is not None, torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad and teach and not view):  # unlabelled pass; with a view the clean
-            u_t = self.teacher_logits(x_u, generator)               # images only give pseudo-labels: no graph
-        prob_t = torch.softmax(u_t.detach(), 1)
-        if self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
-            prob_s = torch.softmax(forward_batch_stats(self.ema, x_u).detach(), 1)
-            prob_t = (prob_t + prob_s) / 2
-        if self.ema is None or not view:
-            with torch.set_grad_enabled(grad and not view):
-                u_s = self.student_logits(x_u, generator)
-            if self.ema is None:
-                prob_s = torch.softmax(u_s.detach(), 1)
+        with torch.no_grad():  # pseudo-labellers that learn nothing from these images
+            u_t = self.teacher_logits(x_u, generator) if view or not teach else t_v
+            prob_t = torch.softmax(u_t.detach(), 1)
+            if self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
+                prob_s = torch.softmax(forward_batch_stats(self.ema, x_u), 1)
+                prob_t = (prob_t + prob_s) / 2
+            else:
+                prob_s = torch.softmax((self.student_logits(x_u, generator) if view else s_v).detach(), 1)
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
-        s_v, t_v = (None if view else u_s), u_t
-        if view:  # pseudo-labels of the clean view, learned on the perturbed one
-            x_v = self.unlabelled_view(x_u, generator)
-            s_v, t_v = self.student_logits(x_v, generator), self.teacher_logits(x_v, generator) if teach else None
-        out["cps"] = self.pseudo_loss(s_v, pseudo_t)
+
+        out: dict[str, Tensor] = {"sup": self.sup_loss(s_l, y), "cps": self.pseudo_loss(s_v, pseudo_t)}
         if teach:
+            out["sup"] = out["sup"] + self.sup_loss(t_l, y)
             out["cps"] = out["cps"] + self.pseudo_loss(t_v, pseudo_s)
+        w, lam = early if early else (None, None)
         if early:
-            (w * out["cps"]).backward()
-        if rounds:
+            (out["sup"] + w * out["cps"]).backward()
+        if sd["rounds"] and teach:
+            out["rec"], out["align"] = self.rounds(x_l[:n], t_l[:n], y[:n], generator, lam)
             out["rec_u"], out["align_u"] = self.rounds(x_u[:n], u_t[:n], pseudo_s[:n], generator,
                                                        w * lam if early else None)
         return {k: v.detach() for k, v in out.items()} if early else out
