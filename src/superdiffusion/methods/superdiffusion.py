@@ -308,9 +308,7 @@ class CoTrain(Method):
         R, condition = sd["rounds"], MASK_CONDITIONS[sd["mask_condition"]]
         mask = condition(logits).detach()
         copies = R if sd["round_mode"] == "independent" and self.batch_free else 1
-        if copies > 1:
-            x, mask, target = x.repeat(copies, *[1] * (x.ndim - 1)), mask.repeat(copies, *[1] * (x.ndim - 1)), \
-                target.repeat(copies, *[1] * (target.ndim - 1))
+        x, mask, target = (torch.cat([v] * copies) for v in (x, mask, target))
         rec = align = torch.zeros((), device=x.device)
         for _ in range(R // copies):
             t = d.sample_timesteps(len(x), generator=generator)
