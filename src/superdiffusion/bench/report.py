@@ -198,17 +198,22 @@ def evaluation_text(bench, results: dict[Path, dict]) -> list[str]:
         if data["format"] != "synthetic" else f"built-in synthetic data ({data['synthetic']})"
     lines = [f"- Training cases: {train}, format {data['format']}, dims {data['dims']}, "
              + (f"size {data['size']}." if data["size"] else f"scale {data['scale']}.")]
+    chosen = [what for what, on_val in (
+        ("the checkpoint", any(s.cfg["eval"]["checkpoint"] != "last" for s in bench.specs)),
+        ("the predictor", any(s.cfg["eval"]["predictor"] == "auto" for s in bench.specs))) if on_val]
     if bench.test is not None:
         t = bench.test
         lines.append(f"- **Evaluation set: the separate test set** `{t.root}`"
                      + (f" (list `{t.list}`)" if t.list else "") + f": {len(t.ids)} cases. Training used "
-                     f"{carve}, for checkpoint and predictor choice only.")
-    else:
-        chose = "the predictor" if all(s.cfg["eval"]["checkpoint"] == "last" for s in bench.specs) \
-            else "the checkpoint and the predictor"
+                     f"{carve}, " + (f"to choose {' and '.join(chosen)} only." if chosen else "to monitor only."))
+    elif chosen:
         lines.append(f"- **Evaluation set: {carve}.** No separate test set was given (--test-data), so these are "
-                     f"validation numbers, and the same cases chose {chose}: optimistic compared with a withheld "
-                     "test set.")
+                     f"validation numbers, and the same cases chose {' and '.join(chosen)}: optimistic compared "
+                     "with a withheld test set.")
+    else:
+        lines.append(f"- **Evaluation set: {carve}.** No separate test set was given (--test-data), so these are "
+                     "validation numbers; nothing was chosen on these cases (the last checkpoint, each method's "
+                     "first or named predictor), so they are not optimistic for that reason.")
     sizes = _distinct(f"fraction {s.fraction:g}: {len(r['split']['labelled'])} labelled / "
                       f"{len(r['split']['unlabelled'])} unlabelled / {len(r['split']['val'])} validation"
                       for s in bench.runs() if (r := results.get(s.run_dir)) and s.label in bench.methods
