@@ -16,7 +16,7 @@ import torch
 
 from superdiffusion.bench.speed import train_row
 
-LA2D = ["superdiffusion.rounds=3", "superdiffusion.round_images=4", "superdiffusion.teacher_every=2",
+LA2D = ["superdiffusion.rounds=0", "superdiffusion.round_images=4", "superdiffusion.teacher_every=2",
         "superdiffusion.teacher_width=0.5"]
 FULL = ["superdiffusion.teacher_every=1", "superdiffusion.teacher_width=1.0", "superdiffusion.round_images=null"]
 NEVER = ["superdiffusion.teacher_every=1000"]  # after the warm-up steps the teacher no longer learns
@@ -27,9 +27,9 @@ VARIANTS: dict[str, tuple[str, list[str], int]] = {
     "pretrain (cycle), half-width teacher": ("pretrain", ["superdiffusion.teacher_width=0.5"], 16),
     "co-training R=3, every step, full teacher": ("cotrain", [*FULL, "superdiffusion.rounds=3"], 16),
     "co-training R=0, every step, full teacher": ("cotrain", [*FULL, "superdiffusion.rounds=0"], 16),
-    "la2d with 16 unlabelled slices (session 8's la2d)": ("cotrain", LA2D, 16),
-    "  16 unlabelled, steps where the teacher learns": ("cotrain", [*LA2D, "superdiffusion.teacher_every=1"], 16),
-    "  16 unlabelled, other steps": ("cotrain", [*LA2D, *NEVER], 16),
+    "la2d with R=3 rounds (session 9's la2d)": ("cotrain", [*LA2D, "superdiffusion.rounds=3"], 8),
+    "la2d with R=1 round": ("cotrain", [*LA2D, "superdiffusion.rounds=1"], 8),
+    "la2d with R=3, 16 unlabelled slices (session 8's la2d)": ("cotrain", [*LA2D, "superdiffusion.rounds=3"], 16),
     "la2d (8 unlabelled slices, teacher learning on every 2nd step)": ("cotrain", LA2D, 8),
     "  8 unlabelled, steps where the teacher learns": ("cotrain", [*LA2D, "superdiffusion.teacher_every=1"], 8),
     "  8 unlabelled, other steps": ("cotrain", [*LA2D, *NEVER], 8),
