@@ -198,17 +198,17 @@ def evaluation_text(bench, results: dict[Path, dict]) -> list[str]:
         if data["format"] != "synthetic" else f"built-in synthetic data ({data['synthetic']})"
     lines = [f"- Training cases: {train}, format {data['format']}, dims {data['dims']}, "
              + (f"size {data['size']}." if data["size"] else f"scale {data['scale']}.")]
-    chosen = [what for what, on_val in (
+    chosen = " and ".join(what for what, on_val in (
         ("the checkpoint", any(s.cfg["eval"]["checkpoint"] != "last" for s in bench.specs)),
-        ("the predictor", any(s.cfg["eval"]["predictor"] == "auto" for s in bench.specs))) if on_val]
+        ("the predictor", any(s.cfg["eval"]["predictor"] == "auto" for s in bench.specs))) if on_val)
     if bench.test is not None:
         t = bench.test
         lines.append(f"- **Evaluation set: the separate test set** `{t.root}`"
                      + (f" (list `{t.list}`)" if t.list else "") + f": {len(t.ids)} cases. Training used "
-                     f"{carve}, " + (f"to choose {' and '.join(chosen)} only." if chosen else "to monitor only."))
+                     f"{carve}, " + (f"to choose {chosen} only." if chosen else "to monitor only."))
     elif chosen:
         lines.append(f"- **Evaluation set: {carve}.** No separate test set was given (--test-data), so these are "
-                     f"validation numbers, and the same cases chose {' and '.join(chosen)}: optimistic compared "
+                     f"validation numbers, and the same cases chose {chosen}: optimistic compared "
                      "with a withheld test set.")
     else:
         lines.append(f"- **Evaluation set: {carve}.** No separate test set was given (--test-data), so these are "
