@@ -134,6 +134,9 @@ DEFAULTS: dict[str, Any] = {
         # what the CPS term's networks see of an unlabelled image: same (the reference: the image whose argmax is the
         # other network's pseudo-label) | photometric (a perturbed view: intensity, gamma, blur, noise; FixMatch)
         "unlabelled_view": "same",
+        # probability that an unlabelled image of the CPS term takes a box of another one (UniMatch's CutMix: its
+        # pseudo-labels mixed by the same box; 0: off, the reference)
+        "cutmix": 0.0,
         # what the image pathway is conditioned on: probabilities (the mask pathway's softmax mapped to [-1, 1], the
         # labels' range) | logits (the reference: its raw output; in the cycle pre-training of
         # tests/methods/test_superdiffusion.py its masks were no better than an untrained teacher's, 0.190 vs 0.191

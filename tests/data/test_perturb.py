@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from superdiffusion.data.perturb import PhotometricView
+from superdiffusion.data.perturb import PhotometricView, cutmix, cutmix_boxes
 
 
 @pytest.mark.parametrize("shape", [(4, 1, 24, 24), (2, 1, 6, 12, 12)])
@@ -32,3 +32,31 @@ def test_photometric_view_never_moves_structures():
     out = PhotometricView(prob=1.0)(x, torch.Generator().manual_seed(0))
     inside, outside = out[:, :, 8:16, 8:16].mean((1, 2, 3)), out[:, :, 20:, 20:].mean((1, 2, 3))
     assert bool((inside > outside + 0.5).all())
+
+
+@pytest.mark.parametrize("shape", [(64, 1, 32, 32), (32, 1, 8, 16, 16)])
+def test_cutmix_boxes_are_seeded_boxes_of_the_drawn_area(shape):
+    x = torch.zeros(shape)
+    boxes = cutmix_boxes(x, torch.Generator().manual_seed(0), prob=0.5, area=(0.05, 0.3))
+    torch.testing.assert_close(boxes, cutmix_boxes(x, torch.Generator().manual_seed(0), prob=0.5, area=(0.05, 0.3)))
+    assert boxes.shape == (shape[0], *shape[2:]) and boxes.dtype == torch.bool
+    fraction = boxes.flatten(1).float().mean(1)
+    drawn = fraction > 0
+    assert 0.2 < drawn.float().mean() < 0.8  # about half the images take a box
+    assert bool((fraction[drawn] > 0.02).all() and (fraction[drawn] < 0.45).all())  # the area, up to rounding
+    for box in boxes[drawn]:  # one solid box: its extent along every axis is filled
+        extent = [box.any(dim=tuple(d for d in range(box.ndim) if d != axis)).nonzero().flatten()
+                  for axis in range(box.ndim)]
+        assert all(len(e) == int(e[-1] - e[0]) + 1 for e in extent)
+        assert int(box.sum()) == int(torch.tensor([len(e) for e in extent]).prod())
+
+
+def test_cutmix_mixes_images_and_label_maps_by_the_same_boxes():
+    """Image i takes image i - 1's pixels inside its box: a label map mixed by the same boxes stays its target."""
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 12, 12)
+    labels = torch.arange(4).view(4, 1, 1).expand(4, 12, 12)
+    boxes = cutmix_boxes(x, torch.Generator().manual_seed(3), prob=1.0)
+    mixed_x, mixed_y = cutmix(x, boxes), cutmix(labels, boxes)
+    torch.testing.assert_close(mixed_x[:, 0].long(), mixed_y)
+    for i in range(4):
+        assert bool((mixed_y[i][boxes[i]] == (i - 1) % 4).all() and (mixed_y[i][~boxes[i]] == i).all())

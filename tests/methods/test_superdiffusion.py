@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from superdiffusion.checkpoint import load_checkpoint, save_checkpoint
 from superdiffusion.config import complete, load_config
+from superdiffusion.data.perturb import cutmix, cutmix_boxes
 from superdiffusion.data.pipeline import PatchSampler, prepare_case
 from superdiffusion.data.synthetic import make_synthetic_dataset
 from superdiffusion.engine.run import train_run
@@ -692,6 +693,28 @@ def test_unlabelled_view_photometric_learns_clean_pseudo_labels_on_perturbed_ima
     assert _reach(m, terms["cps"]) == {"student", "mask_net"}
     with pytest.raises(InputError, match="unlabelled_view"):
         _cotrain("superdiffusion.unlabelled_view=cutmix")
+
+
+def test_cutmix_mixes_the_unlabelled_view_and_its_pseudo_labels_by_the_same_boxes():
+    """superdiffusion.cutmix: the networks learn on the (photometric) view of the unlabelled images mixed by CutMix
+    boxes, against the clean images' pseudo-labels mixed by the same boxes (UniMatch)."""
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.unlabelled_view=photometric", "superdiffusion.cutmix=0.99")
+    m.train()
+    terms = m.losses(batch, step=1, total_steps=4, generator=g())
+    gen, x_u = g(), batch["unlabelled"]
+    x_v = m.unlabelled_view(x_u, gen)  # drawn in this order: the view, then the boxes
+    boxes = cutmix_boxes(x_u, gen, prob=0.99)
+    assert bool(boxes.any()) and not bool(boxes.all())
+    x_v = cutmix(x_v, boxes)
+    m.student_logits(batch["image"]), m.teacher_logits(batch["image"], gen)  # the labelled passes' draws
+    u_s, u_t = m.student_logits(x_v), m.teacher_logits(x_v, gen)
+    p_t, p_s = m.teacher_logits(x_u, gen), m.student_logits(x_u, gen)
+    want = m.pseudo_loss(u_s, cutmix(p_t.argmax(1), boxes)) + m.pseudo_loss(u_t, cutmix(p_s.argmax(1), boxes))
+    torch.testing.assert_close(terms["cps"], want)
+    for bad in ("1.0", "-0.1", "yes"):
+        with pytest.raises(InputError, match="superdiffusion.cutmix"):
+            _cotrain(f"superdiffusion.cutmix={bad}")
 
 
 def test_labelled_and_unlabelled_batches_take_separate_passes():

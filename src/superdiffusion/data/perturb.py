@@ -54,3 +54,34 @@ class PhotometricView:
         for i in blur.nonzero().flatten().tolist():
             out[i] = GaussianFilter(spatial, sigmas[i].tolist())(out[i:i + 1])[0]
         return torch.empty_like(x).copy_(out + noise * std)  # keeps the batch's memory format (channels-last)
+
+
+def cutmix_boxes(x: Tensor, generator: torch.Generator, *, prob: float = 0.5, area: tuple[float, float] = (0.02, 0.4),
+                 aspect: float = 1 / 0.3) -> Tensor:
+    """One random box per image of a batch x (N, C, *spatial), drawn with probability prob: a boolean (N, *spatial).
+
+    UniMatch's obtain_cutmix_box, generalised to 3D: the box covers a uniform fraction `area` of the image, its
+    sides' ratios within `aspect` (log-uniform, centred), at a uniform position inside the image.
+    """
+    n, spatial = len(x), x.shape[2:]
+    boxes = torch.zeros(n, *spatial, dtype=torch.bool)
+    for i in range(n):
+        draws = torch.rand(2 + 2 * len(spatial), generator=generator).tolist()
+        if draws[0] >= prob:
+            continue
+        fraction = area[0] + (area[1] - area[0]) * draws[1]
+        log_ratio = (torch.tensor(draws[2:2 + len(spatial)]) - 0.5) * torch.log(torch.tensor(aspect))
+        log_ratio -= log_ratio.mean()  # the sides' product stays `fraction` of the image
+        sides = [max(1, min(size, round(size * fraction ** (1 / len(spatial)) * float(r.exp()))))
+                 for size, r in zip(spatial, log_ratio, strict=True)]
+        starts = [int(u * (size - side + 1)) for u, size, side in zip(draws[2 + len(spatial):], spatial, sides,
+                                                                        strict=True)]
+        boxes[(i, *(slice(s, s + side) for s, side in zip(starts, sides, strict=True)))] = True
+    return boxes.to(x.device)
+
+
+def cutmix(x: Tensor, boxes: Tensor) -> Tensor:
+    """Image i takes image i - 1's pixels inside its box (images (N, C, ...) or label maps (N, ...) alike), so a
+    pseudo-label map mixed by the same boxes stays the right target for mixed images (UniMatch, CutMix)."""
+    inside = boxes.unsqueeze(1) if x.ndim == boxes.ndim + 1 else boxes
+    return torch.where(inside, x.roll(1, 0), x)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.perturb import PhotometricView
+from ..data.perturb import PhotometricView, cutmix, cutmix_boxes
 from ..diffusion import GaussianDiffusion
 from ..errors import InputError
 from ..nets.unet import NETS, build_unet
@@ -244,6 +244,7 @@ class CoTrain(Method):
                              "Dice cannot leave pixels out)")
         views = {"same": None, "photometric": PhotometricView()}
         self.unlabelled_view = views[superdiffusion_choice(sd, "unlabelled_view", views)]
+        self.cutmix = superdiffusion_fraction(sd, "cutmix", " (0: no CutMix)")
         for key, low in (("rounds", 0), ("teacher_every", 1), ("round_images", 1)):
             if not (key == "round_images" and sd[key] is None) and (not isinstance(sd[key], int) or sd[key] < low):
                 raise InputError(f"superdiffusion.{key}: {sd[key]!r} must be an integer >= {low}")
@@ -357,10 +358,13 @@ class CoTrain(Method):
         teach = step % sd["teacher_every"] == 0
         n = sd["round_images"]  # the rounds' share of each batch (None: all of it)
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
-        view = self.unlabelled_view is not None
+        view = self.unlabelled_view is not None or self.cutmix > 0
         # what the networks learn from: the labelled images and the unlabelled ones, or with a view (weak-to-strong)
-        # a perturbed copy of them whose pseudo-labels come from the clean images
-        x_v = self.unlabelled_view(x_u, generator) if view else x_u
+        # a perturbed copy of them whose pseudo-labels come from the clean images; with CutMix, images and
+        # pseudo-labels mixed by the same boxes
+        x_v = self.unlabelled_view(x_u, generator) if self.unlabelled_view is not None else x_u
+        boxes = cutmix_boxes(x_u, generator, prob=self.cutmix) if self.cutmix else None
+        x_v = cutmix(x_v, boxes) if boxes is not None else x_v
         s_l, s_v = self.passes(self.student_logits, [x_l, x_v], generator)
         t_l, t_v = self.passes(self.teacher_logits, [x_l, x_v], generator) if teach else (None, None)
 
@@ -374,10 +378,12 @@ class CoTrain(Method):
                 prob_s = torch.softmax((self.student_logits(x_u, generator) if view else s_v).detach(), 1)
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
 
-        out: dict[str, Tensor] = {"sup": self.sup_loss(s_l, y), "cps": self.pseudo_loss(s_v, pseudo_t)}
+        mix_t, mix_s = (cutmix(p, boxes) for p in (pseudo_t, pseudo_s)) if boxes is not None else (pseudo_t, pseudo_s)
+
+        out: dict[str, Tensor] = {"sup": self.sup_loss(s_l, y), "cps": self.pseudo_loss(s_v, mix_t)}
         if teach:
             out["sup"] = out["sup"] + self.sup_loss(t_l, y)
-            out["cps"] = out["cps"] + self.pseudo_loss(t_v, pseudo_s)
+            out["cps"] = out["cps"] + self.pseudo_loss(t_v, mix_s)
         w, lam = early if early else (None, None)
         if early:
             (out["sup"] + w * out["cps"]).backward()
