@@ -135,7 +135,7 @@ DEFAULTS: dict[str, Any] = {
         # other network's pseudo-label) | photometric (a perturbed view: intensity, gamma, blur, noise; FixMatch)
         "unlabelled_view": "same",
         # probability that an unlabelled image of the CPS term takes a box of another one (UniMatch's CutMix: its
-        # pseudo-labels mixed by the same box; 0: off, the reference)
+        # pseudo-labels mixed by the same box; 0: off, the reference; la2d measured 0.5 and left it off: docs/DESIGN.md)
         "cutmix": 0.0,
         # what the image pathway is conditioned on: probabilities (the mask pathway's softmax mapped to [-1, 1], the
         # labels' range) | logits (the reference: its raw output; in the cycle pre-training of
