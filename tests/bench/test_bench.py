@@ -11,6 +11,7 @@ import pytest
 
 import superdiffusion.bench.runner as runner
 from superdiffusion.bench.protocols import load_protocol, shipped_protocols
+from superdiffusion.bench.report import read_results, tables_from_rows
 from superdiffusion.cli.main import main
 from superdiffusion.data.splits import make_split
 from superdiffusion.data.synthetic import write_synthetic_dataset
@@ -77,6 +78,19 @@ def test_outputs(main_bench):
     for r in rows:  # each run's wall time, as its results.json records it
         assert float(r["wall_s"]) == json.loads((out / r["run"] / "results.json").read_text())["wall_time_s"] > 0
     assert "## Wall time" in text and "| superdiffusion | 2 |" in text
+
+
+def test_tables_recomputed_from_results_csv_match_the_summary(main_bench):
+    """read_results + tables_from_rows rebuild summary.md's tables from results.csv alone (merged evidence)."""
+    rows = read_results(main_bench / "results.csv")
+    assert rows[0]["fraction"] == 0.25 and isinstance(rows[0]["seed"], int) and isinstance(rows[0]["dice"], float)
+    text, summary = tables_from_rows(rows, "t"), (main_bench / "summary.md").read_text()
+    main_table = [line for line in text.splitlines() if line.startswith("| supervised | 0.25 |")]
+    assert main_table and all(line in summary for line in main_table)
+    paired = [line for line in text.split("## Paired against superdiffusion")[1].splitlines()
+              if line.startswith("| supervised | 0.25 |")]
+    assert len(paired) == 1 and paired[0] in summary  # the same pairs, difference and Wilcoxon p
+    assert "| superdiffusion | 2 |" in text  # two runs' wall times
 
 
 def test_rerun_skips_finished_runs(main_bench, count_training):

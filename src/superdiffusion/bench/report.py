@@ -35,6 +35,21 @@ def write_results(bench, rows: list[dict]) -> None:
     (bench.out / "summary.md").write_text(summary(bench, rows))
 
 
+def read_results(path: str | Path) -> list[dict]:
+    """The rows of a results.csv as write_results was given them (numbers as numbers), so that the tables can be
+    recomputed from the file alone: after rows of several benches are merged into one evidence file."""
+    def number(text: str) -> float | int:
+        return float(text) if any(c in text for c in ".en") else int(text)
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("fraction", "seed", "chosen", "labelled_cases", *METRICS):
+            r[k] = number(r[k])
+        r["wall_s"] = float(r["wall_s"]) if r["wall_s"] else ""
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- statistics
 def table_rows(rows: list[dict], labels: list[str], ablation: Ablation | None = None) -> tuple[list[dict], Callable]:
     """The rows a table is made of, and its row key: the method, or (method, predictor) for predictor ablations."""
@@ -279,4 +294,27 @@ def summary(bench, rows: list[dict]) -> str:
     lines += ["", "## Files", "", "- `results.csv`: one row per method, fraction, seed, evaluation case and "
               "predictor (`chosen` = 1 for the run's own predictor).",
               *[f"- `{f}`" for f in figures], "- `runs/<method>/frac<f>/seed<s>/`: the run folders."]
+    return "\n".join(lines) + "\n"
+
+
+def tables_from_rows(rows: list[dict], title: str) -> str:
+    """summary.md's tables from results.csv rows alone (read_results): for an evidence file that gathers the rows
+    of several benches, whose run folders are gone; wall time per run from the `wall_s` column."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fractions = sorted({r["fraction"] for r in rows})
+    picked, key = table_rows(rows, methods)
+    lines = [f"# {title}", "", "Recomputed from every row of results.csv; per seed the mean over its evaluation "
+             "cases, then mean ± sample std over seeds.", "", "## Main results", "",
+             *metric_table(seed_stats(picked, key), methods, fractions)]
+    for reference in (BASELINE, REFERENCE):
+        if reference in methods:
+            lines += ["", f"## Paired against {reference}", "", *paired_table(rows, methods, fractions, reference)]
+    walls: dict = defaultdict(dict)
+    for r in rows:
+        if r["chosen"] and r["wall_s"] != "":
+            walls[r["method"]][r["run"]] = r["wall_s"]
+    lines += ["", "## Wall time", "", "| method | runs | wall time per run, s (mean) | min | max |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {m} | {len(t)} | {np.mean(t):.0f} | {min(t):.0f} | {max(t):.0f} |"
+              for m in methods if (t := list(walls[m].values()))]
     return "\n".join(lines) + "\n"
