@@ -32,7 +32,10 @@ def test_predict_an_array_with_or_without_a_channel_axis(run_dir):
     assert probs.shape == (2, 40, 28) and np.allclose(probs.sum(0), 1, atol=1e-5)
     assert np.array_equal(probs.argmax(0), mask)
     volume = run.predict(np.stack([case.image[0]] * 3, axis=-1))  # a volume through the 2D net, slice by slice
-    assert volume.shape == (40, 28, 3) and np.array_equal(volume[..., 1], mask)
+    # the same slice as the 2D image: the same mask, except where a 4-step net is within float noise of 0.5 (a
+    # batch of 3 slices and a batch of 1 take different CPU kernels; seen: 1e-3 apart, one pixel flipped)
+    sure = np.abs(probs[1] - 0.5) > 0.01
+    assert volume.shape == (40, 28, 3) and np.array_equal(volume[..., 1][sure], mask[sure]) and sure.mean() > 0.9
 
 
 def test_predict_a_file_and_refuse_what_does_not_fit(run_dir, tmp_path):
