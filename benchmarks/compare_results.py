@@ -11,20 +11,18 @@ methods of one folder: mean per seed, mean over cases, and the Wilcoxon signed-r
 from __future__ import annotations
 
 import argparse
-import csv
 from statistics import mean
 
 import numpy as np
 
-from superdiffusion.bench.report import wilcoxon_p
+from superdiffusion.bench.report import read_results, wilcoxon_p
 
 
-def load(spec: str, fraction: str, metric: str) -> dict[tuple[str, str], float]:
+def load(spec: str, fraction: str, metric: str) -> dict[tuple[int, str], float]:
     """FILE:METHOD -> {(seed, case): metric} over the run's own predictor (chosen = 1)."""
     path, _, method = spec.rpartition(":")
-    with open(path, newline="") as f:
-        return {(r["seed"], r["case"]): float(r[metric]) for r in csv.DictReader(f)
-                if r["method"] == method and r["fraction"] == fraction and r["chosen"] == "1"}
+    return {(r["seed"], r["case"]): r[metric] for r in read_results(path)
+            if r["method"] == method and f"{r['fraction']:g}" == fraction and r["chosen"]}
 
 
 def main() -> None:
