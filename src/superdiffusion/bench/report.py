@@ -171,13 +171,19 @@ def wall_table(bench, results: dict[Path, dict]) -> list[str]:
             per[spec.label].append((float(r["wall_time_s"]), validation_seconds(spec.run_dir)))
     if not per:
         return ["No finished run yet."]
-    lines = ["| method | runs | wall time per run, s (mean) | min | max | periodic validation, % of wall time |",
-             "|---|---|---|---|---|---|"]
-    for label, pairs in per.items():
-        times = [t for t, _ in pairs]
-        share = 100 * sum(v for _, v in pairs) / max(sum(times), 1e-9)
-        lines.append(f"| {label} | {len(times)} | {np.mean(times):.0f} | {min(times):.0f} | {max(times):.0f} | "
-                     f"{share:.1f} |")
+    shares = {label: 100 * sum(v for _, v in pairs) / max(sum(t for t, _ in pairs), 1e-9)
+              for label, pairs in per.items()}
+    return _wall_lines({label: [t for t, _ in pairs] for label, pairs in per.items()}, shares)
+
+
+def _wall_lines(times: dict[str, list[float]], shares: dict[str, float] | None = None) -> list[str]:
+    """The wall-time table: mean, min and max per label, and the share periodic validation took where known."""
+    extra = " periodic validation, % of wall time |" if shares is not None else ""
+    lines = ["| method | runs | wall time per run, s (mean) | min | max |" + extra,
+             "|---|---|---|---|---|" + ("---|" if shares is not None else "")]
+    for label, t in times.items():
+        share = f" {shares[label]:.1f} |" if shares is not None else ""
+        lines.append(f"| {label} | {len(t)} | {np.mean(t):.0f} | {min(t):.0f} | {max(t):.0f} |" + share)
     return lines
 
 
@@ -313,8 +319,6 @@ def tables_from_rows(rows: list[dict], title: str) -> str:
     for r in rows:
         if r["chosen"] and r["wall_s"] != "":
             walls[r["method"]][r["run"]] = r["wall_s"]
-    lines += ["", "## Wall time", "", "| method | runs | wall time per run, s (mean) | min | max |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {m} | {len(t)} | {np.mean(t):.0f} | {min(t):.0f} | {max(t):.0f} |"
-              for m in methods if (t := list(walls[m].values()))]
+    times = {m: list(walls[m].values()) for m in methods if walls[m]}
+    lines += ["", "## Wall time", "", *_wall_lines(times)]
     return "\n".join(lines) + "\n"
