@@ -125,12 +125,14 @@ DEFAULTS: dict[str, Any] = {
         "teacher_width": 1.0,
         "unlabelled_weight": 1.0,  # final weight of the CPS term, ramped linearly from 0
         # pseudo-label pixels whose source's top probability is below this teach nothing (0: off, the reference;
-        # FixMatch's confidence mask; needs cps_loss ce)
+        # FixMatch's confidence mask; needs cps_loss ce or dice-masked)
         "confidence": 0.0,
         # decay of an EMA copy of the student (0: none, the reference): with it the EMA pseudo-labels for the
         # teacher, and the student learns the argmax of the teacher's and the EMA's mean probabilities
         "ema": 0.0,
-        "cps_loss": "dice",  # on argmax pseudo-labels (CPS, rounds): dice (reference, per image) | dice-batch | ce
+        # on argmax pseudo-labels (CPS, rounds): dice (reference, per image) | dice-batch | ce | dice-masked (per class
+        # over the batch on the confident pixels: UniMatch's medical loss)
+        "cps_loss": "dice",
         # what the CPS term's networks see of an unlabelled image: same (the reference: the image whose argmax is the
         # other network's pseudo-label) | photometric (a perturbed view: intensity, gamma, blur, noise; FixMatch)
         "unlabelled_view": "same",

@@ -39,6 +39,7 @@ from superdiffusion.methods.superdiffusion import (
     confident_argmax,
     frozen_running_stats,
     masked_cross_entropy,
+    masked_dice,
 )
 from superdiffusion.nets.unet import NETS
 
@@ -842,6 +843,25 @@ def test_confidence_leaves_unsure_pseudo_label_pixels_out():
     assert plain["cps"] > 0 and terms["cps"] == 0
     with pytest.raises(InputError, match="confidence"):
         _cotrain("superdiffusion.confidence=0.9")  # the default Dice CPS loss
+
+
+def test_masked_dice_counts_only_labelled_pixels():
+    """dice-masked (UniMatch's medical loss): per-class soft Dice over the batch on the pixels that carry a label;
+    IGNORE pixels change neither the value nor the gradient; 0 where none carries one; accepted with confidence."""
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(2, 2, 5, 5, generator=g), torch.randint(0, 2, (2, 5, 5), generator=g)
+    masked = target.clone()
+    masked[:, :, :2] = IGNORE
+    kept = logits[..., 2:].clone().requires_grad_()
+    full = logits.clone().requires_grad_()
+    torch.testing.assert_close(masked_dice(full, masked), masked_dice(kept, target[..., 2:]))
+    masked_dice(full, masked).backward()
+    assert full.grad[..., :2].abs().max() == 0 and full.grad[..., 2:].abs().max() > 0
+    perfect = F.one_hot(target, 2).movedim(-1, 1).float() * 50
+    assert masked_dice(perfect, target) < 1e-3 < masked_dice(-perfect, target)
+    assert masked_dice(logits, torch.full_like(target, IGNORE)) == 0
+    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.cps_loss=dice-masked", "superdiffusion.confidence=0.9")
+    assert m.pseudo_loss is masked_dice
 
 
 def test_ema_student_pseudo_labels_and_the_student_learns_the_consensus():
