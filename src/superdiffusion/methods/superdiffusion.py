@@ -59,9 +59,7 @@ def masked_dice(logits: Tensor, target: Tensor) -> Tensor:
     Why beside the cross-entropy: LA's foreground is a few percent of each slice and its border is where the
     pseudo-labellers are unsure, so a masked cross-entropy is mostly confident background; per class, the Dice
     weighs the confident foreground as much as all the background. 0 where no pixel carries a label."""
-    keep = (target != IGNORE).unsqueeze(1)
-    if not keep.any():
-        return logits.sum() * 0
+    keep = (target != IGNORE).unsqueeze(1)  # with none kept every sum is 0 and the loss 1 - eps / eps = 0
     prob = torch.softmax(logits, 1) * keep
     onehot = F.one_hot(target.clamp_min(0), logits.shape[1]).movedim(-1, 1).to(prob) * keep
     dims = [0, *range(2, logits.ndim)]
@@ -254,12 +252,12 @@ class CoTrain(Method):
         for key, choices in (("student", ("unet", "twin")), ("round_mode", ("independent", "chained")),
                              ("mask_condition", MASK_CONDITIONS)):
             superdiffusion_choice(sd, key, choices)
-        losses = {"dice": dice_loss(), "dice-batch": dice_loss(batch=True), "ce": masked_cross_entropy,
-                  "dice-masked": masked_dice}
+        masked = {"ce": masked_cross_entropy, "dice-masked": masked_dice}  # the losses that skip IGNORE pixels
+        losses = {"dice": dice_loss(), "dice-batch": dice_loss(batch=True), **masked}
         self.pseudo_loss = losses[superdiffusion_choice(sd, "cps_loss", losses)]
-        if superdiffusion_fraction(sd, "confidence") and sd["cps_loss"] not in ("ce", "dice-masked"):
-            raise InputError(f"superdiffusion.confidence: {sd['confidence']} needs superdiffusion.cps_loss ce or "
-                             "dice-masked (MONAI's Dice cannot leave pixels out)")
+        if superdiffusion_fraction(sd, "confidence") and sd["cps_loss"] not in masked:
+            raise InputError(f"superdiffusion.confidence: {sd['confidence']} needs superdiffusion.cps_loss "
+                             f"{' or '.join(masked)} (MONAI's Dice cannot leave pixels out)")
         views = {"same": None, "photometric": PhotometricView()}
         self.unlabelled_view = views[superdiffusion_choice(sd, "unlabelled_view", views)]
         self.cutmix = superdiffusion_fraction(sd, "cutmix", " (0: no CutMix)")
