@@ -144,6 +144,9 @@ DEFAULTS: dict[str, Any] = {
         # tests/methods/test_superdiffusion.py its masks were no better than an untrained teacher's, 0.190 vs 0.191
         # best-assignment Dice, where probabilities reach 0.268: an unbounded 2-channel code need not be a mask)
         "mask_condition": "probabilities",
+        # how the networks run when they pseudo-label: train (the reference, SSL4MIS's teachers: as they learn,
+        # dropout on) | eval (no dropout, batch norm's running statistics: FixMatch's clean weak-view targets)
+        "labeller_mode": "train",
         "pretrained": True,  # start co-training from the stage-1 teacher (False = random teacher)
         "init": None,  # path of a stage-1 checkpoint to start co-training from (method = cotrain)
     },

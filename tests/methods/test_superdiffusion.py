@@ -890,3 +890,33 @@ def test_ema_student_pseudo_labels_and_the_student_learns_the_consensus():
         torch.testing.assert_close(a, 0.9 * b + 0.1 * s)
     with pytest.raises(InputError, match="ema"):
         _cotrain("superdiffusion.ema=0.9", "superdiffusion.student=twin")
+
+
+def test_labeller_mode_eval_pseudo_labels_in_evaluation_mode_and_restores_training():
+    """superdiffusion.labeller_mode=eval: the teacher and the EMA student pseudo-label in their own passes in
+    evaluation mode (no dropout, batch norm's running statistics); the networks learn in training mode and are back
+    in it afterwards; the pseudo-labels differ from training mode's (the default)."""
+    keys = ("superdiffusion.rounds=0", "superdiffusion.ema=0.9", "superdiffusion.cps_loss=ce")
+    m = _cotrain(*keys, "superdiffusion.labeller_mode=eval")
+    m.train()
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    terms = m.losses(batch, step=1, total_steps=4, generator=g())
+    assert all(module.training for module in m.modules())
+    assert _reach(m, terms["cps"]) == {"student", "mask_net"}
+    terms = {k: v.detach() for k, v in terms.items()}
+    m.load_state_dict(state)  # the running statistics as losses() found them
+    gen, x_u = g(), batch["unlabelled"]
+    m.teacher_logits(batch["image"], gen)
+    u_t = m.teacher_logits(x_u, gen)  # the teacher's learning pass, in training mode
+    m.eval()
+    with torch.no_grad():
+        p_t, p_e = torch.softmax(m.teacher_logits(x_u, gen), 1), torch.softmax(m.ema(x_u), 1)
+    m.train()
+    want = F.cross_entropy(m.student_logits(x_u), ((p_t + p_e) / 2).argmax(1)) + F.cross_entropy(u_t, p_e.argmax(1))
+    torch.testing.assert_close(terms["cps"], want)
+    default = _cotrain(*keys)
+    default.train()
+    assert not torch.allclose(default.losses(batch, step=1, total_steps=4, generator=g())["cps"], terms["cps"])
+    with pytest.raises(InputError, match="labeller_mode"):
+        _cotrain("superdiffusion.labeller_mode=test")

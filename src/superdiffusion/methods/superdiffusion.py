@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -84,6 +84,19 @@ def frozen_running_stats(module: nn.Module):
     finally:
         for m, momentum in zip(norms, saved, strict=True):
             m.momentum = momentum
+
+
+@contextmanager
+def evaluating(*modules: nn.Module):
+    """The modules in evaluation mode (no dropout; batch norm's running statistics), their modes restored after."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.train(training)
 
 
 class DiffusionTeacher(nn.Module):
@@ -250,7 +263,7 @@ class CoTrain(Method):
         super().__init__(cfg, **kw)
         sd = cfg["superdiffusion"]
         for key, choices in (("student", ("unet", "twin")), ("round_mode", ("independent", "chained")),
-                             ("mask_condition", MASK_CONDITIONS)):
+                             ("mask_condition", MASK_CONDITIONS), ("labeller_mode", ("train", "eval"))):
             superdiffusion_choice(sd, key, choices)
         masked = {"ce": masked_cross_entropy, "dice-masked": masked_dice}  # the losses that skip IGNORE pixels
         losses = {"dice": dice_loss(), "dice-batch": dice_loss(batch=True), **masked}
@@ -384,14 +397,17 @@ class CoTrain(Method):
         s_l, s_v = self.passes(self.student_logits, [x_l, x_v], generator)
         t_l, t_v = self.passes(self.teacher_logits, [x_l, x_v], generator) if teach else (None, None)
 
-        with torch.no_grad():  # pseudo-labellers that learn nothing from these images
-            u_t = self.teacher_logits(x_u, generator) if view or not teach else t_v
+        # labeller_mode eval: the pseudo-labellers' own pass in evaluation mode (no dropout), FixMatch's clean targets
+        clean = sd["labeller_mode"] == "eval"
+        labellers = [self.teacher, self.student, *([self.ema] if self.ema is not None else [])]
+        with torch.no_grad(), evaluating(*labellers) if clean else nullcontext():  # they learn nothing here
+            u_t = self.teacher_logits(x_u, generator) if view or clean or not teach else t_v
             prob_t = torch.softmax(u_t.detach(), 1)
             if self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
                 prob_s = torch.softmax(forward_batch_stats(self.ema, x_u), 1)
                 prob_t = (prob_t + prob_s) / 2
             else:
-                prob_s = torch.softmax((self.student_logits(x_u, generator) if view else s_v).detach(), 1)
+                prob_s = torch.softmax((self.student_logits(x_u, generator) if view or clean else s_v).detach(), 1)
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
 
         mix_t, mix_s = (cutmix(p, boxes) for p in (pseudo_t, pseudo_s)) if boxes is not None else (pseudo_t, pseudo_s)
