@@ -130,6 +130,10 @@ DEFAULTS: dict[str, Any] = {
         # decay of an EMA copy of the student (0: none, the reference): with it the EMA pseudo-labels for the
         # teacher, and the student learns the argmax of the teacher's and the EMA's mean probabilities
         "ema": 0.0,
+        # with an EMA student, what the student learns on the unlabelled images: consensus (the argmax of the teacher's
+        # and the EMA's mean probabilities) | ema (the EMA's alone: the ablation of the teacher's pseudo-labels; the
+        # teacher still learns, from the EMA's)
+        "student_target": "consensus",
         # on argmax pseudo-labels (CPS, rounds): dice (reference, per image) | dice-batch | ce | dice-masked (per class
         # over the batch on the confident pixels: UniMatch's medical loss)
         "cps_loss": "dice",

@@ -920,3 +920,24 @@ def test_labeller_mode_eval_pseudo_labels_in_evaluation_mode_and_restores_traini
     assert not torch.allclose(default.losses(batch, step=1, total_steps=4, generator=g())["cps"], terms["cps"])
     with pytest.raises(InputError, match="labeller_mode"):
         _cotrain("superdiffusion.labeller_mode=test")
+
+
+def test_student_target_ema_leaves_the_teacher_out_of_the_students_pseudo_labels():
+    """superdiffusion.student_target=ema (ablation): the student learns the EMA student's argmax alone, the teacher
+    still learns the EMA's; without an EMA student the switch is refused."""
+    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.ema=0.9", "superdiffusion.cps_loss=ce",
+                 "superdiffusion.student_target=ema")
+    m.train()
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    terms = m.losses(batch, step=1, total_steps=4, generator=g())
+    gen, x_u = g(), batch["unlabelled"]
+    m.teacher_logits(batch["image"], gen)
+    u_t = m.teacher_logits(x_u, gen)
+    target = m.ema(x_u).argmax(1)
+    torch.testing.assert_close(terms["cps"], F.cross_entropy(m.student_logits(x_u), target)
+                               + F.cross_entropy(u_t, target))
+    assert _reach(m, terms["cps"]) == {"student", "mask_net"}
+    with pytest.raises(InputError, match="student_target"):
+        _cotrain("superdiffusion.student_target=ema")
+    with pytest.raises(InputError, match="student_target"):
+        _cotrain("superdiffusion.ema=0.9", "superdiffusion.student_target=teacher")

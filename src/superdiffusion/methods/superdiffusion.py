@@ -282,6 +282,8 @@ class CoTrain(Method):
         self.sup_loss = dice_loss(ce=True)
         if superdiffusion_fraction(sd, "ema", " (0: no EMA student)") and sd["student"] != "unet":
             raise InputError("superdiffusion.ema: needs superdiffusion.student unet (the twin takes a noised mask)")
+        if superdiffusion_choice(sd, "student_target", ("consensus", "ema")) == "ema" and not sd["ema"]:
+            raise InputError("superdiffusion.student_target: ema needs an EMA student (superdiffusion.ema > 0)")
         # an exponential moving average of the student: its pseudo-labels, not the student's own (Mean Teacher)
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if sd["ema"] else None
         # no layer normalises over the batch (instance norm): images may share passes without changing each other
@@ -405,7 +407,7 @@ class CoTrain(Method):
             prob_t = torch.softmax(u_t.detach(), 1)
             if self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
                 prob_s = torch.softmax(forward_batch_stats(self.ema, x_u), 1)
-                prob_t = (prob_t + prob_s) / 2
+                prob_t = (prob_t + prob_s) / 2 if sd["student_target"] == "consensus" else prob_s
             else:
                 prob_s = torch.softmax((self.student_logits(x_u, generator) if view or clean else s_v).detach(), 1)
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
