@@ -401,7 +401,7 @@ class CoTrain(Method):
 
         # labeller_mode eval: the pseudo-labellers' own pass in evaluation mode (no dropout), FixMatch's clean targets
         clean = sd["labeller_mode"] == "eval"
-        labellers = [self.teacher, self.student, *([self.ema] if self.ema is not None else [])]
+        labellers = (self.teacher, self.ema if self.ema is not None else self.student)  # whose outputs become labels
         with torch.no_grad(), evaluating(*labellers) if clean else nullcontext():  # they learn nothing here
             u_t = self.teacher_logits(x_u, generator) if view or clean or not teach else t_v
             prob_t = torch.softmax(u_t.detach(), 1)
