@@ -132,7 +132,7 @@ DEFAULTS: dict[str, Any] = {
         "ema": 0.0,
         # with an EMA student, what the student learns on the unlabelled images: consensus (the argmax of the teacher's
         # and the EMA's mean probabilities) | ema (the EMA's alone: the ablation of the teacher's pseudo-labels; the
-        # teacher still learns, from the EMA's)
+        # teacher still learns, from the EMA's) | fill (the EMA's where it is confident, else the teacher's where it is)
         "student_target": "consensus",
         # on argmax pseudo-labels (CPS, rounds): dice (reference, per image) | dice-batch | ce | dice-masked (per class
         # over the batch on the confident pixels: UniMatch's medical loss)

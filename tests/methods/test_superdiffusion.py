@@ -941,3 +941,29 @@ def test_student_target_ema_leaves_the_teacher_out_of_the_students_pseudo_labels
         _cotrain("superdiffusion.student_target=ema")
     with pytest.raises(InputError, match="student_target"):
         _cotrain("superdiffusion.ema=0.9", "superdiffusion.student_target=teacher")
+
+
+def test_student_target_fill_takes_the_emas_confident_labels_then_the_teachers():
+    """superdiffusion.student_target=fill: the student learns the EMA student's label where the EMA is confident,
+    the teacher's where only the teacher is, and nothing elsewhere; the teacher still learns the EMA's. Refused
+    without an EMA student or a confidence threshold."""
+    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.ema=0.9", "superdiffusion.cps_loss=ce",
+                 "superdiffusion.confidence=0.55", "superdiffusion.student_target=fill")
+    m.train()
+    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
+    terms = m.losses(batch, step=1, total_steps=4, generator=g())
+    gen, x_u = g(), batch["unlabelled"]
+    m.teacher_logits(batch["image"], gen)
+    u_t = m.teacher_logits(x_u, gen)
+    ema_conf, ema_label = torch.softmax(m.ema(x_u), 1).max(1)
+    teacher_conf, teacher_label = torch.softmax(u_t, 1).max(1)
+    ignore = -100
+    for_teacher = ema_label.masked_fill(ema_conf < 0.55, ignore)
+    for_student = torch.where(ema_conf >= 0.55, ema_label, teacher_label.masked_fill(teacher_conf < 0.55, ignore))
+    assert (for_student != ignore).sum() > (for_teacher != ignore).sum()  # the teacher filled some pixels in
+    torch.testing.assert_close(terms["cps"], F.cross_entropy(m.student_logits(x_u), for_student, ignore_index=ignore)
+                               + F.cross_entropy(u_t, for_teacher, ignore_index=ignore))
+    with pytest.raises(InputError, match="student_target"):
+        _cotrain("superdiffusion.student_target=fill", "superdiffusion.cps_loss=ce", "superdiffusion.confidence=0.9")
+    with pytest.raises(InputError, match="student_target: fill"):
+        _cotrain("superdiffusion.ema=0.9", "superdiffusion.cps_loss=ce", "superdiffusion.student_target=fill")

@@ -282,8 +282,12 @@ class CoTrain(Method):
         self.sup_loss = dice_loss(ce=True)
         if superdiffusion_fraction(sd, "ema", " (0: no EMA student)") and sd["student"] != "unet":
             raise InputError("superdiffusion.ema: needs superdiffusion.student unet (the twin takes a noised mask)")
-        if superdiffusion_choice(sd, "student_target", ("consensus", "ema")) == "ema" and not sd["ema"]:
-            raise InputError("superdiffusion.student_target: ema needs an EMA student (superdiffusion.ema > 0)")
+        target = superdiffusion_choice(sd, "student_target", ("consensus", "ema", "fill"))
+        if target != "consensus" and not sd["ema"]:
+            raise InputError(f"superdiffusion.student_target: {target} needs an EMA student (superdiffusion.ema > 0)")
+        if target == "fill" and not sd["confidence"]:
+            raise InputError("superdiffusion.student_target: fill needs superdiffusion.confidence > 0 (it fills in "
+                             "the pixels where the EMA student is not confident)")
         # an exponential moving average of the student: its pseudo-labels, not the student's own (Mean Teacher)
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if sd["ema"] else None
         # no layer normalises over the batch (instance norm): images may share passes without changing each other
@@ -411,6 +415,9 @@ class CoTrain(Method):
             else:
                 prob_s = torch.softmax((self.student_logits(x_u, generator) if view or clean else s_v).detach(), 1)
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
+        if sd["student_target"] == "fill":  # the EMA's label where it is sure, else the teacher's where it is
+            pseudo_t = pseudo_s.where(pseudo_s != IGNORE, confident_argmax(torch.softmax(u_t.detach(), 1),
+                                                                           sd["confidence"]))
 
         mix_t, mix_s = (cutmix(p, boxes) for p in (pseudo_t, pseudo_s)) if boxes is not None else (pseudo_t, pseudo_s)
 
