@@ -252,8 +252,8 @@ class BCP(MeanTeacher):
     """Bidirectional copy-paste (Bai et al., CVPR 2023), its LA code's two stages.
 
     Stage 1 (BCPPretrain): copy-paste between labelled images, for pretrain_share of train.steps: 2000 of
-    15000 iterations in their 3D (LA) code, as many as the self-training's in their 2D (ACDC) code, which
-    decides for 2D networks. Stage 2, self-training: the EMA teacher (started as a copy of the stage-1
+    15000 iterations in their 3D (LA) code, 10000 of 30000 in their 2D (ACDC) code, which decides for 2D
+    networks. Stage 2, self-training: the EMA teacher (started as a copy of the stage-1
     student, then a fixed decay of 0.99, no warm-up) argmax pseudo-labels the unlabelled images, each
     foreground class reduced to its largest connected component (their LargestCC, per image); a box of
     box_ratio (2/3) of each side, at a random position, is pasted from an unlabelled image into a labelled
@@ -266,7 +266,7 @@ class BCP(MeanTeacher):
     name = "bcp"
     box_ratio = 2 / 3
     u_weight = 0.5
-    pretrain_share = {3: 2000 / 15000, 2: 1.0}  # by network dimensionality: their LA (3D) and ACDC (2D) codes
+    pretrain_share = {3: 2000 / 15000, 2: 10000 / 30000}  # by network dimensionality: their LA (3D) and ACDC (2D) codes
     ema_warmup = False
 
     @classmethod
