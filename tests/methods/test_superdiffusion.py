@@ -922,17 +922,22 @@ def test_labeller_mode_eval_pseudo_labels_in_evaluation_mode_and_restores_traini
         _cotrain("superdiffusion.labeller_mode=test")
 
 
-def test_student_target_ema_leaves_the_teacher_out_of_the_students_pseudo_labels():
-    """superdiffusion.student_target=ema (ablation): the student learns the EMA student's argmax alone, the teacher
-    still learns the EMA's; without an EMA student the switch is refused."""
-    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.ema=0.9", "superdiffusion.cps_loss=ce",
-                 "superdiffusion.student_target=ema")
+def _target_terms(*keys: str):
+    """A co-training step's terms with an EMA student and cross-entropy pseudo-labels (no rounds), and the
+    unlabelled images with the teacher's logits on them, replayed from the step's generator."""
+    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.ema=0.9", "superdiffusion.cps_loss=ce", *keys)
     m.train()
     batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
     terms = m.losses(batch, step=1, total_steps=4, generator=g())
     gen, x_u = g(), batch["unlabelled"]
     m.teacher_logits(batch["image"], gen)
-    u_t = m.teacher_logits(x_u, gen)
+    return m, terms, x_u, m.teacher_logits(x_u, gen)
+
+
+def test_student_target_ema_leaves_the_teacher_out_of_the_students_pseudo_labels():
+    """superdiffusion.student_target=ema (ablation): the student learns the EMA student's argmax alone, the teacher
+    still learns the EMA's; without an EMA student the switch is refused."""
+    m, terms, x_u, u_t = _target_terms("superdiffusion.student_target=ema")
     target = m.ema(x_u).argmax(1)
     torch.testing.assert_close(terms["cps"], F.cross_entropy(m.student_logits(x_u), target)
                                + F.cross_entropy(u_t, target))
@@ -947,14 +952,7 @@ def test_student_target_fill_takes_the_emas_confident_labels_then_the_teachers()
     """superdiffusion.student_target=fill: the student learns the EMA student's label where the EMA is confident,
     the teacher's where only the teacher is, and nothing elsewhere; the teacher still learns the EMA's. Refused
     without an EMA student or a confidence threshold."""
-    m = _cotrain("superdiffusion.rounds=0", "superdiffusion.ema=0.9", "superdiffusion.cps_loss=ce",
-                 "superdiffusion.confidence=0.55", "superdiffusion.student_target=fill")
-    m.train()
-    batch, g = _small_batch(), lambda: torch.Generator().manual_seed(5)
-    terms = m.losses(batch, step=1, total_steps=4, generator=g())
-    gen, x_u = g(), batch["unlabelled"]
-    m.teacher_logits(batch["image"], gen)
-    u_t = m.teacher_logits(x_u, gen)
+    m, terms, x_u, u_t = _target_terms("superdiffusion.confidence=0.55", "superdiffusion.student_target=fill")
     ema_conf, ema_label = torch.softmax(m.ema(x_u), 1).max(1)
     teacher_conf, teacher_label = torch.softmax(u_t, 1).max(1)
     ignore = -100

@@ -411,13 +411,13 @@ class CoTrain(Method):
             prob_t = torch.softmax(u_t.detach(), 1)
             if self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
                 prob_s = torch.softmax(forward_batch_stats(self.ema, x_u), 1)
-                prob_t = (prob_t + prob_s) / 2 if sd["student_target"] == "consensus" else prob_s
+                if sd["student_target"] != "fill":  # fill keeps the teacher's own (below)
+                    prob_t = (prob_t + prob_s) / 2 if sd["student_target"] == "consensus" else prob_s
             else:
                 prob_s = torch.softmax((self.student_logits(x_u, generator) if view or clean else s_v).detach(), 1)
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
         if sd["student_target"] == "fill":  # the EMA's label where it is sure, else the teacher's where it is
-            pseudo_t = pseudo_s.where(pseudo_s != IGNORE, confident_argmax(torch.softmax(u_t.detach(), 1),
-                                                                           sd["confidence"]))
+            pseudo_t = pseudo_s.where(pseudo_s != IGNORE, pseudo_t)
 
         mix_t, mix_s = (cutmix(p, boxes) for p in (pseudo_t, pseudo_s)) if boxes is not None else (pseudo_t, pseudo_s)
 
