@@ -48,6 +48,9 @@ BAD_SETS = [  # (override, text the error must name)
     ("train.lr=-0.1", "train.lr"),
     ("train.optimizer=lbfgs", "lbfgs"),
     ("train.lr_schedule=zigzag", "zigzag"),
+    ("train.dice=squares", "train.dice"),
+    ("train.augment=heavy", "train.augment"),
+    ("model.arch=ssl4mis", "model.arch"),  # with method superdiffusion: its teacher needs a timestep input
     ("eval.checkpoint=first", "eval.checkpoint"),
     ("diffusion.t_infer=5000", "diffusion.t_infer"),
     ("diffusion.schedule=quadratic", "quadratic"),
@@ -66,7 +69,8 @@ BAD_SETS = [  # (override, text the error must name)
 @pytest.mark.parametrize(("override", "needle"), BAD_SETS, ids=[o for o, _ in BAD_SETS])
 def test_bad_config_values_are_one_line_before_training(tmp_path, capsys, override, needle):
     out = tmp_path / "run"
-    method = ["--set", "method=superdiffusion"] if override.startswith(("superdiffusion", "diffusion")) else []
+    method = ["--set", "method=superdiffusion"] if override.startswith(("superdiffusion", "diffusion", "model.arch")) \
+        else []
     assert main(["train", "demo", "--out", str(out), *TINY, *method, "--set", override]) == 2
     one_error_line(capsys, needle)
     assert not (out / "log.jsonl").exists()  # refused before any step

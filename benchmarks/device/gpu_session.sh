@@ -3,15 +3,18 @@
 # Run from the repository root on the device machine, with the LA copy packed by la_transfer.py in .dev/la
 # and the wheels the image lacks in .whl (monai, nibabel, pynrrd). Writes logs and a tarball under $OUT.
 #   1. smoke: every method of the synthetic protocol trained and evaluated on CUDA (stops here on failure)
-#   2. the la2d table: the protocol's methods x 8, 16 labelled x seeds 0, 1, 2 (LA2D_ARGS adds methods)
-#   3. bench-speed on the GPU: fp32 vs bf16 autocast vs channels-last
-#   4. predict (teacher ensemble + uncertainty, DDIM) and export on a la2d run
-#   5. the la3d-full protocol for a few steps (step time -> cost of the full protocol)
-# PARTS picks some of them (default all: smoke,la2d,speed,predict,la3d); LA2D_S bounds the table's seconds,
-# LA2D_JOBS its runs at a time, LA2D_ARGS adds bench options (e.g. --ablation weight), LA2D_FROM (a folder
-# in the tree) holds the runs of a table cut short to go on with.
+#   2. ssl4mis: the la2d-ssl4mis protocol (the baselines as their originals train them: SSL4MIS's U-Net, SGD,
+#      30000 iterations; issue 13), 8 labelled, seeds 0-2, SSL4MIS_METHODS (default supervised,mean-teacher)
+#   3. the la2d table: the protocol's methods x 8, 16 labelled x seeds 0, 1, 2 (LA2D_ARGS adds methods)
+#   4. bench-speed on the GPU: fp32 vs bf16 autocast vs channels-last
+#   5. predict (teacher ensemble + uncertainty, DDIM) and export on a la2d run
+#   6. the la3d-full protocol for a few steps (step time -> cost of the full protocol)
+# PARTS picks some of them (default smoke,ssl4mis: the la2d table exists from CPU runs); SSL4MIS_S and LA2D_S
+# bound those benches' seconds, SSL4MIS_JOBS and LA2D_JOBS their runs at a time, LA2D_ARGS adds bench options
+# (e.g. --ablation weight), LA2D_FROM / SSL4MIS_FROM (folders in the tree) hold the runs of a bench cut short
+# to go on with.
 set -u
-PARTS=,${PARTS:-smoke,la2d,speed,predict,la3d},
+PARTS=,${PARTS:-smoke,ssl4mis},
 part() { [[ $PARTS == *,$1,* ]]; }
 OUT=${OUT:-/tmp/out}; T=/tmp/work; mkdir -p "$OUT" "$T"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
@@ -30,6 +33,21 @@ $SD bench --protocol synthetic --methods supervised,fully-supervised,mean-teache
   --fractions 0.25 --seeds 0 --out $T/smoke --jobs 4 --no-progress > $OUT/smoke.log 2>&1
 rc=$?; tail -5 $OUT/smoke.log
 if [ $rc -ne 0 ]; then stamp "smoke failed ($rc)"; cat $OUT/smoke.log | tail -60; exit 1; fi
+fi
+
+S=$T/ssl4mis
+if part ssl4mis; then
+stamp la2d-ssl4mis
+if [ -n "${SSL4MIS_FROM:-}" ]; then cp -r "$SSL4MIS_FROM" $S; fi
+SSL4MIS_ARGS=(--protocol la2d-ssl4mis --train-data /tmp/LA --out $S --methods ${SSL4MIS_METHODS:-supervised,mean-teacher})
+timeout -k 10 ${SSL4MIS_S:-480} $SD bench "${SSL4MIS_ARGS[@]}" --jobs ${SSL4MIS_JOBS:-6} --no-progress \
+  > $OUT/ssl4mis.log 2>&1
+rc=$?; echo "ssl4mis rc=$rc"; pkill -f multiprocessing.spawn; sleep 2
+tail -3 $OUT/ssl4mis.log
+for r in $S/runs/*/frac8/seed*; do echo "$r: $(tail -c 300 $r/log.jsonl | tail -1 | cut -c1-120)"; done
+if [ $rc -ne 0 ]; then
+  timeout -k 5 60 $SD bench "${SSL4MIS_ARGS[@]}" --no-progress --report-only > $OUT/ssl4mis-report.log 2>&1
+fi
 fi
 
 B=$T/la2d
@@ -70,5 +88,6 @@ if part la3d && [ $left -gt 60 ]; then
 fi
 
 stamp pack
-cd $T && tar czf $OUT/results.tar.gz --exclude='checkpoints' --exclude='tb' --exclude='*.pt' la2d smoke la3d 2>/dev/null
+cd $T && tar czf $OUT/results.tar.gz --exclude='checkpoints' --exclude='tb' --exclude='*.pt' ssl4mis la2d smoke la3d \
+  2>/dev/null
 ls -la $OUT; stamp done

@@ -77,9 +77,10 @@ DEFAULTS: dict[str, Any] = {
         "unlabelled_batch_size": 8,  # unlabelled samples per step (semi-supervised methods)
         "patch": [64, 64],  # training crop size (pads when the image is smaller)
         "fg_oversample": 0.33,  # probability that a labelled crop is centred on foreground
-        "augment": True,  # random flips and 90-degree rotations in-plane
+        "augment": True,  # true: random flips and 90-degree rotations in-plane | false | ssl4mis (its RandomGenerator)
         "photometric": False,  # labelled crops: random intensity scale/shift, gamma, blur and noise (data/perturb.py)
-        "optimizer": "adam",  # adam | adamw | sgd
+        "optimizer": "adam",  # adam | adamw | sgd (momentum 0.9, as the originals of the baselines)
+        "dice": "image",  # the supervised terms' Dice: image (MONAI's, per image) | batch-squared (SSL4MIS's)
         "lr": 1e-3,
         "weight_decay": 0.0,
         "lr_schedule": "poly",  # poly | cosine | constant (after warm-up)

@@ -68,6 +68,31 @@ def test_augmentation_moves_image_and_label_together():
         assert torch.equal(b["label"], (b["image"][:, 0] > 0).long())
 
 
+def test_ssl4mis_augmentation_moves_image_and_label_together_in_its_proportions():
+    """SSL4MIS's RandomGenerator: rot90 + flip half the time, else a rotation by up to 20 degrees half the time,
+    else nothing; the label follows the image exactly (nearest neighbour), the outside is filled with `fill`."""
+    rng = np.random.default_rng(0)
+    label = np.zeros((24, 24), np.int64)
+    label[4:14, 6:20] = 1
+    label[15:20, 3:8] = 2
+    image = label[None].astype(np.float32) + 1  # classes 1, 2, 3 in the image; 0 only where filled
+    kinds = {"same": 0, "right-angle": 0, "rotated": 0}
+    for _ in range(400):
+        img, lab = pipeline.ssl4mis_augment(image, label, rng, fill=0.0)
+        assert img.shape == image.shape and lab.shape == label.shape
+        inside = img[0] > 0
+        assert np.array_equal(img[0][inside] - 1, lab[inside]) and not lab[~inside].any()
+        if np.array_equal(img, image):
+            kinds["same"] += 1
+        elif inside.all():  # rot90 and flips move pixels but fill none
+            kinds["right-angle"] += 1
+        else:
+            kinds["rotated"] += 1
+    # identity draws also come from rot90 k = 0 + a flip (never identical) or a 0-degree rotation (1 in 40)
+    assert 0.19 < kinds["same"] / 400 < 0.32 and 0.42 < kinds["right-angle"] / 400 < 0.58
+    assert 0.18 < kinds["rotated"] / 400 < 0.32
+
+
 def test_photometric_augmentation_changes_intensities_of_the_same_crops():
     """train.photometric: the same crops and labels as without it (drawn after them), intensities perturbed,
     redrawable from (seed, step)."""

@@ -20,7 +20,7 @@ import yaml
 
 from superdiffusion.checkpoint import load_checkpoint, previous_path
 from superdiffusion.engine.run import train_run
-from superdiffusion.engine.trainer import NonFiniteLossError, lr_factor
+from superdiffusion.engine.trainer import NonFiniteLossError, build_optimizer, lr_factor
 from superdiffusion.errors import InputError
 from superdiffusion.methods.supervised import Supervised
 
@@ -335,6 +335,14 @@ def test_lr_factor_schedules():
     assert lr_factor(9, total=10, warmup=0, schedule="constant") == 1.0
     with pytest.raises(InputError, match="lr_schedule"):
         lr_factor(3, total=10, warmup=0, schedule="step")
+
+
+def test_sgd_is_the_baselines_originals_plain_momentum():
+    """UA-MT's, SSL4MIS's and BCP's optimiser: SGD, momentum 0.9, no Nesterov, the configured weight decay."""
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], {"optimizer": "sgd", "lr": 0.01, "weight_decay": 1e-4})
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.SGD) and group["momentum"] == 0.9 and not group["nesterov"]
+    assert group["lr"] == 0.01 and group["weight_decay"] == 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- 3D

@@ -12,6 +12,7 @@ import torch
 from superdiffusion.config import load_config
 from superdiffusion.engine.run import train_run
 from superdiffusion.methods import METHODS
+from superdiffusion.methods.base import supervised_loss
 from superdiffusion.methods.baselines import (
     BCP,
     CPS,
@@ -22,6 +23,7 @@ from superdiffusion.methods.baselines import (
     masked_dice_ce,
     sigmoid_ramp,
 )
+from superdiffusion.methods.supervised import Supervised
 
 ALL = [MeanTeacher, UAMT, CPS, BCP]
 TRAINED = {MeanTeacher: ("student.",), UAMT: ("student.",), BCP: ("student.",), CPS: ("net1.", "net2.")}
@@ -144,6 +146,30 @@ def test_helpers():
     per_image = masked_dice_ce(slightly_wrong, empty, torch.ones(2, 8, 8))
     batch = masked_dice_ce(slightly_wrong, empty, torch.ones(2, 8, 8), over_batch=True)
     assert per_image > 0.2 > 0.1 > batch
+
+
+def test_supervised_terms_take_the_dice_train_dice_names():
+    """train.dice batch-squared is SSL4MIS's DiceLoss (per class over the whole batch, squared denominators, smooth
+    1e-5, background included, mean over classes); every supervised term is 0.5 (Dice + CE), as in their scripts."""
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(3, 3, 8, 8, generator=g), torch.randint(0, 3, (3, 8, 8), generator=g)
+    p, onehot = torch.softmax(logits, 1), torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float()
+    theirs = torch.stack([1 - (2 * (p[:, i] * onehot[:, i]).sum() + 1e-5) /
+                          ((p[:, i] ** 2).sum() + (onehot[:, i] ** 2).sum() + 1e-5) for i in range(3)]).mean()
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    batch_cfg = load_config(None, ["train.dice=batch-squared"])
+    assert supervised_loss(batch_cfg)(logits, y) == pytest.approx((theirs + ce).item(), rel=1e-5)
+    per_image = torch.stack([1 - (2 * (p[b, i] * onehot[b, i]).sum() + 1e-5) /
+                             (p[b, i].sum() + onehot[b, i].sum() + 1e-5) for b in range(3) for i in range(3)]).mean()
+    assert supervised_loss(load_config(None, []))(logits, y) == pytest.approx((per_image + ce).item(), rel=1e-5)
+    batch = {"image": torch.randn(3, 1, 16, 16, generator=g), "label": torch.randint(0, 2, (3, 16, 16), generator=g),
+             "unlabelled": torch.randn(3, 1, 16, 16, generator=g)}
+    for cls in (Supervised, MeanTeacher):
+        m = cls(batch_cfg, dims=2, in_channels=1, num_classes=2).eval()
+        net = m.net if cls is Supervised else m.student
+        loss, logs = m.training_step(batch, step=0, total_steps=10, generator=torch.Generator().manual_seed(0))
+        expected = 0.5 * supervised_loss(batch_cfg)(net(batch["image"]), batch["label"])
+        assert (logs["loss"] if cls is Supervised else logs["sup"]) == pytest.approx(expected.item(), rel=1e-5)
 
 
 # Measured validation Dice of the chosen predictor after these 30 steps (seeds 0 / 1 / 2): mean-teacher

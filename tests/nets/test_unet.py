@@ -8,7 +8,7 @@ import torch
 from monai.networks.nets import UNet as MonaiBody
 
 from superdiffusion.config import DEFAULTS, LEGACY_DEFAULTS, complete
-from superdiffusion.nets.unet import MonaiUNet, UNet, build_unet
+from superdiffusion.nets.unet import MonaiUNet, SSL4MISUNet, UNet, build_unet
 
 CHANNELS = [16, 32, 64, 128, 256]
 
@@ -90,3 +90,32 @@ def test_monai_arch_costs_a_fraction_of_double_conv_per_pixel():
     light = macs(MonaiUNet(dims=2, in_channels=1, out_channels=2, channels=CHANNELS))
     heavy = macs(UNet(dims=2, in_channels=1, out_channels=2, channels=[16, 32, 64, 128]))
     assert light * 3 < heavy
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_ssl4mis_arch_is_their_unet_layer_for_layer():
+    """SSL4MIS's code/networks/unet.py `UNet`: per level conv-BN-LeakyReLU, dropout, conv-BN-LeakyReLU; max-pooling
+    down; 1x1 conv, bilinear (align_corners) upsampling and [skip, up] in the decoder, no dropout there; 3x3 head."""
+    rates = [0.05, 0.1, 0.2, 0.3, 0.5]
+    net = build_unet({**DEFAULTS["model"], "arch": "ssl4mis", "channels": CHANNELS, "norm": "batch",
+                      "dropout": rates}, dims=2, in_channels=1, out_channels=4)
+    assert isinstance(net, SSL4MISUNet) and net.divisor == 16
+    kinds = [type(m) for m in net.modules()]
+    assert kinds.count(torch.nn.MaxPool2d) == 4 and kinds.count(torch.nn.BatchNorm2d) == 2 * 9
+    assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] == rates + [0.0] * 4
+    ups = [m for m in net.modules() if isinstance(m, torch.nn.Upsample)]
+    assert len(ups) == 4 and all(u.mode == "bilinear" and u.align_corners for u in ups)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs].count((1, 1)) == 4 and convs[-1].kernel_size == (3, 3)
+    assert [(c.in_channels, c.out_channels) for c in convs if c.kernel_size == (3, 3)][:10] == [
+        (1, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256)]
+    features = [torch.randn(2, 1, 96, 96)]
+    for level in net.encoder:
+        features.append(level(features[-1]))
+    assert [f.shape[-1] for f in features[1:]] == [96, 48, 24, 12, 6]
+    net.eval()
+    x = torch.randn(2, 1, 96, 96)
+    assert torch.equal(torch.jit.script(net)(x), net(x)) and net(x).shape == (2, 4, 96, 96)  # export scripts it
+    with pytest.raises(ValueError, match="timestep"):
+        build_unet({**DEFAULTS["model"], "arch": "ssl4mis"}, dims=2, in_channels=3, out_channels=2,
+                   time_embedding="stem")

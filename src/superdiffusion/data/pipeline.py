@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..errors import InputError
 from .case import Case, CaseRef
@@ -257,7 +258,9 @@ class PatchSampler:
             label = self.label_slices[k][index] if label is not None else None
             centre = np.delete(centre, axis) if centre is not None else None
         image, label = crop(image, label, self.patch, rng, centre, fill=self.pad_values[k])
-        if self.augment:
+        if self.augment == "ssl4mis":
+            image, label = ssl4mis_augment(image, label, rng, fill=self.pad_values[k])
+        elif self.augment:
             image, label = augment(image, label, rng)
         return np.ascontiguousarray(image, dtype=np.float32), \
             (np.ascontiguousarray(label, dtype=np.int64) if label is not None else None)
@@ -294,6 +297,28 @@ def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generato
         image = np.rot90(image, k, axes=(1, 2))
         label = np.rot90(label, k, axes=(0, 1)) if label is not None else None
     return image, label
+
+
+def ssl4mis_augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, *, fill: float):
+    """SSL4MIS's RandomGenerator (its 2D scripts, BCP's ACDC code), in the first plane: half the time a random
+    90-degree rotation and a flip on one random axis, else half the time a rotation by a whole number of degrees
+    in [-20, 20) (nearest neighbour, image and label alike, outside filled with `fill`), else nothing."""
+    if rng.random() > 0.5:
+        k = int(rng.integers(4)) if image.shape[1] == image.shape[2] else 0  # a crop keeps its shape
+        image = np.rot90(image, k, axes=(1, 2))
+        label = np.rot90(label, k, axes=(0, 1)) if label is not None else None
+        axis = int(rng.integers(2))
+        image = np.flip(image, axis + 1)
+        label = np.flip(label, axis) if label is not None else None
+    elif rng.random() > 0.5:
+        angle = int(rng.integers(-20, 20))
+        image = ndimage.rotate(image, angle, axes=(1, 2), order=0, reshape=False, cval=fill)
+        label = ndimage.rotate(label, angle, axes=(0, 1), order=0, reshape=False, cval=0) if label is not None \
+            else None
+    return image, label
+
+
+AUGMENTATIONS = (True, False, "ssl4mis")
 
 
 SUFFIX_FORMATS = {".h5": "la-h5", ".hdf5": "la-h5", ".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd",

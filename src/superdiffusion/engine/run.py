@@ -16,13 +16,13 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..config import dump_config, read_stored_config
-from ..data.pipeline import DataBundle, build_data
+from ..data.pipeline import AUGMENTATIONS, DataBundle, build_data
 from ..data.splits import write_split
 from ..errors import InputError
 from ..evaluation.inference import evaluate_cases
 from ..evaluation.metrics import summarize
 from ..methods import METHODS, build_method, method_class
-from ..methods.base import Stage
+from ..methods.base import DICE_FORMS, Stage
 from ..nets.unet import ARCHS
 from . import distributed, host
 from .trainer import Trainer
@@ -50,6 +50,9 @@ def check_config(cfg: dict) -> None:
     m = cfg["model"]
     if m["arch"] not in ARCHS:
         raise InputError(f"model.arch: unknown {m['arch']!r} ({', '.join(ARCHS)})")
+    if m["arch"] == "ssl4mis" and method_class(cfg["method"]).reads_diffusion:
+        raise InputError(f"model.arch: ssl4mis is a segmentation U-Net without a timestep input; {cfg['method']} "
+                         "needs monai or double-conv")
     if m["arch"] == "monai" and m["time_embedding"] != "stem":
         raise InputError(f"model.time_embedding: {m['time_embedding']!r} needs model.arch double-conv (monai: stem)")
     rates = m["dropout"] if isinstance(m["dropout"], list) else [m["dropout"]]
@@ -61,6 +64,10 @@ def check_config(cfg: dict) -> None:
     if any(not isinstance(p, int) or p <= 0 or p % divisor for p in t["patch"]):
         raise InputError(f"train.patch: {t['patch']} sizes must be positive multiples of {divisor} "
                          f"for a {len(cfg['model']['channels'])}-level U-Net")
+    if t["dice"] not in DICE_FORMS:
+        raise InputError(f"train.dice: unknown {t['dice']!r} ({', '.join(DICE_FORMS)})")
+    if t["augment"] not in AUGMENTATIONS:
+        raise InputError(f"train.augment: {t['augment']!r} must be one of {', '.join(map(str, AUGMENTATIONS))}")
     for key in ("steps", "batch_size", "unlabelled_batch_size"):
         if not isinstance(t[key], int) or t[key] < 1:
             raise InputError(f"train.{key}: {t[key]!r} must be a positive integer")

@@ -42,7 +42,7 @@ def build_optimizer(params, train_cfg: dict, lr: float | None = None) -> torch.o
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)  # UA-MT's, SSL4MIS's, BCP's
     raise InputError(f"train.optimizer: unknown {kind!r} (adam, adamw, sgd)")
 
 

@@ -89,11 +89,23 @@ class Stage:
     lr: float
 
 
-def dice_loss(*, ce: bool = False, batch: bool = False) -> nn.Module:
+def dice_loss(*, ce: bool = False, batch: bool = False, squared: bool = False) -> nn.Module:
     """Soft Dice over all classes (optionally + cross-entropy) on logits and integer labels (B, *); per image,
-    or over the whole batch (batch=True: an image without foreground then costs little)."""
-    loss = (DiceCELoss if ce else DiceLoss)(to_onehot_y=True, softmax=True, include_background=True, batch=batch)
+    or over the whole batch (batch=True: an image without foreground then costs little); squared: squared terms
+    in the denominator (V-Net's and SSL4MIS's DiceLoss)."""
+    loss = (DiceCELoss if ce else DiceLoss)(to_onehot_y=True, softmax=True, include_background=True, batch=batch,
+                                            squared_pred=squared)
     return _IntegerTargets(loss)
+
+
+# train.dice: the Dice of the supervised terms. image: MONAI's, per image (the protocols'); batch-squared: over the
+# batch with squared denominators, smooth 1e-5 (SSL4MIS's DiceLoss, which their 2D scripts use)
+DICE_FORMS = {"image": {}, "batch-squared": {"batch": True, "squared": True}}
+
+
+def supervised_loss(cfg: dict) -> nn.Module:
+    """Dice + cross-entropy on labels, the Dice in the form `train.dice` names."""
+    return dice_loss(ce=True, **DICE_FORMS[cfg["train"]["dice"]])
 
 
 class _IntegerTargets(nn.Module):

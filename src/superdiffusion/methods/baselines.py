@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
-from .base import Batch, Method, Stage, dice_loss, ema_update, forward_batch_stats
+from .base import Batch, Method, Stage, ema_update, forward_batch_stats, supervised_loss
 
 
 def sigmoid_ramp(step: int, total_steps: int) -> float:
@@ -62,7 +62,7 @@ class MeanTeacher(Method):
         super().__init__(cfg, **kw)
         self.student = self.segmentation_net()
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.dice_ce = dice_loss(ce=True)
+        self.dice_ce = supervised_loss(cfg)
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"student": list(self.student.parameters())}
@@ -146,7 +146,7 @@ class CPS(Method):
             for m in net.modules():
                 if isinstance(m, nn.Conv2d | nn.Conv3d):
                     init(m.weight)
-        self.dice_ce = dice_loss(ce=True)
+        self.dice_ce = supervised_loss(cfg)
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"net1": list(self.net1.parameters()), "net2": list(self.net2.parameters())}

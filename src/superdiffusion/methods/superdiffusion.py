@@ -20,7 +20,7 @@ from ..data.perturb import PhotometricView, cutmix, cutmix_boxes
 from ..diffusion import GaussianDiffusion
 from ..errors import InputError
 from ..nets.unet import NETS, build_unet
-from .base import Batch, Method, Stage, dice_loss, ema_update, forward_batch_stats, linear_ramp
+from .base import Batch, Method, Stage, dice_loss, ema_update, forward_batch_stats, linear_ramp, supervised_loss
 
 
 def to_signal(prob: Tensor) -> Tensor:
@@ -279,7 +279,7 @@ class CoTrain(Method):
                 raise InputError(f"superdiffusion.{key}: {sd[key]!r} must be an integer >= {low}")
         self.teacher = build_teacher(self)
         self.student = build_teacher(self).mask_net if sd["student"] == "twin" else self.segmentation_net()
-        self.sup_loss = dice_loss(ce=True)
+        self.sup_loss = supervised_loss(cfg)
         if superdiffusion_fraction(sd, "ema", " (0: no EMA student)") and sd["student"] != "unet":
             raise InputError("superdiffusion.ema: needs superdiffusion.student unet (the twin takes a noised mask)")
         target = superdiffusion_choice(sd, "student_target", ("consensus", "ema", "fill"))

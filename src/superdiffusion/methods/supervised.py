@@ -5,22 +5,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Batch, Method, dice_loss
+from .base import Batch, Method, supervised_loss
 
 
 class Supervised(Method):
-    """A U-Net trained with Dice + cross-entropy on the labelled cases only."""
+    """A U-Net trained with 0.5 (Dice + cross-entropy) on the labelled cases only: SSL4MIS's supervised script
+    weighs it 0.5 as the baselines' supervised terms, which matters with SGD (with Adam the steps do not
+    scale with the loss)."""
 
     name = "supervised"
 
     def __init__(self, cfg: dict, **kw):
         super().__init__(cfg, **kw)
         self.net = self.segmentation_net()
-        self.loss = dice_loss(ce=True)
+        self.loss = supervised_loss(cfg)
 
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        loss = self.loss(self.net(batch["image"]), batch["label"])
+        loss = 0.5 * self.loss(self.net(batch["image"]), batch["label"])
         return loss, {"loss": loss.item()}
 
     def predictors(self):

@@ -5,6 +5,10 @@
   than `double-conv`, at the Dice of the plain 2D recipe).
 - `double-conv`: two 3x3 convolutions per level, the stem and the last decoder block at full resolution
   (the earlier default; runs made before `model.arch` existed keep it).
+- `ssl4mis`: the 2D U-Net of SSL4MIS's scripts (and BCP's ACDC code), layer for layer: two conv-norm-LeakyReLU
+  per level with the level's dropout between them, max-pooling down, 1x1 convolution + bilinear upsampling up,
+  a 3x3 output convolution. A segmentation net only (no time embedding); the `la2d-ssl4mis` protocol trains it
+  to compare the baselines with their originals without the protocol's own network.
 
 The diffusion teacher of the reference is a plain U-Net whose sinusoidal time embedding is added
 once, after the stem ("stem"); "blocks" (double-conv only) adds a projection of it in every block
@@ -22,7 +26,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import UNet as _MonaiBody
 from torch import Tensor, nn
 
-ARCHS = ("monai", "double-conv")
+ARCHS = ("monai", "double-conv", "ssl4mis")
 
 
 def conv(dims: int, *args, **kwargs) -> nn.Module:
@@ -165,13 +169,74 @@ class MonaiUNet(nn.Module):
         return self.last(self.inner(h))
 
 
-SegNet = UNet | MonaiUNet
-NETS = (UNet, MonaiUNet)
+class _SSL4MISConvBlock(nn.Sequential):
+    """SSL4MIS's ConvBlock: conv-norm-LeakyReLU, dropout, conv-norm-LeakyReLU."""
+
+    def __init__(self, dims: int, cin: int, cout: int, norm: str, dropout: float):
+        super().__init__(conv(dims, cin, cout, 3, padding=1), norm_layer(dims, norm, cout), nn.LeakyReLU(),
+                         nn.Dropout(dropout),
+                         conv(dims, cout, cout, 3, padding=1), norm_layer(dims, norm, cout), nn.LeakyReLU())
+
+
+class _SSL4MISUp(nn.Module):
+    """SSL4MIS's bilinear UpBlock: 1x1 convolution to the skip's width, upsampling, [skip, up], ConvBlock."""
+
+    def __init__(self, dims: int, cin: int, cskip: int, norm: str):
+        super().__init__()
+        self.reduce = conv(dims, cin, cskip, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear" if dims == 2 else "trilinear", align_corners=True)
+        self.block = _SSL4MISConvBlock(dims, 2 * cskip, cskip, norm, 0.0)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.block(torch.cat([skip, self.up(self.reduce(x))], dim=1))
+
+
+class SSL4MISUNet(nn.Module):
+    """SSL4MIS's U-Net (code/networks/unet.py, `UNet`): dropout per encoder level (theirs 0.05, 0.1, 0.2, 0.3,
+    0.5), none in the decoder. Scriptable as it is (export)."""
+
+    __jit_unused_properties__ = ["divisor"]
+
+    def __init__(self, *, dims: int, in_channels: int, out_channels: int,
+                 channels: tuple[int, ...] | list[int] = (16, 32, 64, 128, 256), norm: str = "batch",
+                 dropout: float | list[float] = 0.0):
+        super().__init__()
+        ch = [int(c) for c in channels]
+        rates = [float(p) for p in dropout] if isinstance(dropout, list | tuple) else [float(dropout)] * len(ch)
+        if len(rates) != len(ch):
+            raise ValueError(f"model.dropout: {rates} needs one rate per level ({len(ch)})")
+        pool = nn.MaxPool2d if dims == 2 else nn.MaxPool3d
+        self.encoder = nn.ModuleList(
+            nn.Sequential(*([pool(2)] if i else []), _SSL4MISConvBlock(dims, cin, cout, norm, p))
+            for i, (cin, cout, p) in enumerate(zip([in_channels] + ch[:-1], ch, rates)))
+        self.decoder = nn.ModuleList(_SSL4MISUp(dims, cin, cskip, norm) for cin, cskip in zip(ch[:0:-1], ch[-2::-1]))
+        self.head = conv(dims, ch[0], out_channels, 3, padding=1)
+        self.time_mlp = None  # a segmentation net: no time embedding
+        self.depth = len(ch) - 1
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes must be multiples of this."""
+        return 2 ** self.depth
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips: list[Tensor] = []
+        for level in self.encoder:
+            x = level(x)
+            skips.append(x)
+        x = skips.pop()
+        for level in self.decoder:
+            x = level(x, skips.pop())
+        return self.head(x)
+
+
+SegNet = UNet | MonaiUNet | SSL4MISUNet
+NETS = (UNet, MonaiUNet, SSL4MISUNet)
 
 
 def build_unet(model_cfg: dict, *, dims: int, in_channels: int, out_channels: int,
                time_embedding: str | None = None) -> nn.Module:
-    """The `model` config's network: `arch` monai (default) or double-conv."""
+    """The `model` config's network: `arch` monai (default), double-conv or ssl4mis."""
     arch = model_cfg["arch"]
     common = dict(dims=dims, in_channels=in_channels, out_channels=out_channels, channels=model_cfg["channels"],
                   norm=model_cfg["norm"], time_embedding=time_embedding)
@@ -179,4 +244,8 @@ def build_unet(model_cfg: dict, *, dims: int, in_channels: int, out_channels: in
         return MonaiUNet(dropout=model_cfg["dropout"], **common)
     if arch == "double-conv":
         return UNet(**common)
+    if arch == "ssl4mis":
+        if time_embedding is not None:
+            raise ValueError("model.arch ssl4mis is a segmentation U-Net: it takes no diffusion timestep (use monai)")
+        return SSL4MISUNet(dropout=model_cfg["dropout"], **{k: v for k, v in common.items() if k != "time_embedding"})
     raise ValueError(f"model.arch: unknown {arch!r} ({', '.join(ARCHS)})")
