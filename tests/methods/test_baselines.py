@@ -146,6 +146,15 @@ def test_helpers():
     per_image = masked_dice_ce(slightly_wrong, empty, torch.ones(2, 8, 8))
     batch = masked_dice_ce(slightly_wrong, empty, torch.ones(2, 8, 8), over_batch=True)
     assert per_image > 0.2 > 0.1 > batch
+    # squared: BCP's ACDC DiceLoss with a mask (_dice_mask_loss: squared terms, smooth 1e-10, mean over classes)
+    logits, region = torch.randn(2, 3, 8, 8), (torch.rand(2, 8, 8) > 0.3).float()
+    p, onehot = torch.softmax(logits, 1), torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    theirs = torch.stack([1 - (2 * (p[:, i] * onehot[:, i] * region).sum() + 1e-10) /
+                          ((p[:, i] ** 2 * region).sum() + (onehot[:, i] ** 2 * region).sum() + 1e-10)
+                          for i in range(3)]).mean()
+    ce = (torch.nn.functional.cross_entropy(logits, target, reduction="none") * region).sum() / region.sum()
+    ours = masked_dice_ce(logits, target, region, 1e-10, over_batch=True, squared=True)
+    assert ours.item() == pytest.approx((theirs + ce).item(), rel=1e-5)
 
 
 def test_supervised_terms_take_the_dice_train_dice_names():

@@ -201,26 +201,29 @@ def box_mask(spatial: tuple[int, ...], ratio: float, generator: torch.Generator)
 
 
 def masked_dice_ce(logits: Tensor, target: Tensor, mask: Tensor, smooth: float = 1e-5, *,
-                   over_batch: bool = False) -> Tensor:
+                   over_batch: bool = False, squared: bool = False) -> Tensor:
     """BCP's per-region term, Dice (all classes) + CE, over mask = 1. Dice per image as their 3D (LA) code's
     mask_DiceLoss, or over the whole batch (over_batch) as their 2D (ACDC) code's DiceLoss: on 2D crops,
-    many with no foreground at all, a per-image Dice punishes any foreground probability at full weight."""
+    many with no foreground at all, a per-image Dice punishes any foreground probability at full weight.
+    squared: squared terms in the denominator, as their DiceLoss (with smooth 1e-10)."""
     prob = torch.softmax(logits, 1).flatten(2)
     onehot = F.one_hot(target.flatten(1), logits.shape[1]).transpose(1, 2).to(prob)
     m = mask.flatten(1)[:, None]
     dims = (0, 2) if over_batch else 2
-    dice = (2 * (prob * onehot * m).sum(dims) + smooth) / (((prob + onehot) * m).sum(dims) + smooth)
+    total = prob ** 2 + onehot if squared else prob + onehot  # onehot ** 2 = onehot
+    dice = (2 * (prob * onehot * m).sum(dims) + smooth) / ((total * m).sum(dims) + smooth)
     ce = (F.cross_entropy(logits, target, reduction="none") * mask).sum() / (mask.sum() + 1e-16)
     return 1 - dice.mean() + ce
 
 
 def mix_loss(logits: Tensor, outside: Tensor, inside: Tensor, mask: Tensor, *, outside_weight: float,
-             inside_weight: float) -> Tensor:
+             inside_weight: float, squared: bool = False) -> Tensor:
     """BCP's loss on a copy-paste mix: targets `outside` where mask = 1, `inside` in the pasted box; batch
-    Dice for 2D inputs (their ACDC code), per-image Dice for 3D (their LA code)."""
-    over_batch = logits.dim() == 4
-    return (outside_weight * masked_dice_ce(logits, outside, mask, over_batch=over_batch)
-            + inside_weight * masked_dice_ce(logits, inside, 1 - mask, over_batch=over_batch)) / 2
+    Dice for 2D inputs (their ACDC code), per-image Dice for 3D (their LA code); squared: their DiceLoss's
+    squared denominators and smooth 1e-10 (`train.dice: batch-squared`)."""
+    form = dict(over_batch=logits.dim() == 4, squared=squared, smooth=1e-10 if squared else 1e-5)
+    return (outside_weight * masked_dice_ce(logits, outside, mask, **form)
+            + inside_weight * masked_dice_ce(logits, inside, 1 - mask, **form)) / 2
 
 
 class BCPPretrain(Method):
@@ -241,7 +244,7 @@ class BCPPretrain(Method):
         mask = box_mask(tuple(x.shape[2:]), BCP.box_ratio, generator).to(x)
         mix = x * mask + x.roll(1, 0) * (1 - mask)
         loss = mix_loss(self.student(mix), y, y.roll(1, 0), mask.expand(len(x), *mask.shape),
-                        outside_weight=1.0, inside_weight=1.0)
+                        outside_weight=1.0, inside_weight=1.0, squared=self.cfg["train"]["dice"] == "batch-squared")
         return loss, {"loss": loss.item()}
 
     def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -301,9 +304,10 @@ class BCP(MeanTeacher):
         mix_l = x_l * m_x + x_u[to_u] * (1 - m_x)  # labelled image, unlabelled box
         mix_u = x_u * m_x + x_l[to_l] * (1 - m_x)  # unlabelled image, labelled box
         m_l, m_u = mask.expand(len(x_l), *mask.shape), mask.expand(len(x_u), *mask.shape)
+        squared = self.cfg["train"]["dice"] == "batch-squared"
         loss_l = mix_loss(self.student(mix_l), y, pseudo[to_u], m_l, outside_weight=1.0,
-                          inside_weight=self.u_weight)
+                          inside_weight=self.u_weight, squared=squared)
         loss_u = mix_loss(self.student(mix_u), pseudo, y[to_l], m_u, outside_weight=self.u_weight,
-                          inside_weight=1.0)
+                          inside_weight=1.0, squared=squared)
         loss = loss_l + loss_u
         return loss, {"loss": loss.item(), "loss_l": loss_l.item(), "loss_u": loss_u.item()}
