@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
-from .base import Batch, Method, Stage, ema_update, forward_batch_stats, supervised_loss
+from .base import DICE_FORMS, Batch, Method, Stage, ema_update, forward_batch_stats, supervised_loss
 
 
 def sigmoid_ramp(step: int, total_steps: int) -> float:
@@ -216,6 +216,11 @@ def masked_dice_ce(logits: Tensor, target: Tensor, mask: Tensor, smooth: float =
     return 1 - dice.mean() + ce
 
 
+def squared_dice(cfg: dict) -> bool:
+    """Whether `train.dice` names a Dice with squared denominators (BCP's masked Dice then takes that form too)."""
+    return DICE_FORMS[cfg["train"]["dice"]].get("squared", False)
+
+
 def mix_loss(logits: Tensor, outside: Tensor, inside: Tensor, mask: Tensor, *, outside_weight: float,
              inside_weight: float, squared: bool = False) -> Tensor:
     """BCP's loss on a copy-paste mix: targets `outside` where mask = 1, `inside` in the pasted box; batch
@@ -244,7 +249,7 @@ class BCPPretrain(Method):
         mask = box_mask(tuple(x.shape[2:]), BCP.box_ratio, generator).to(x)
         mix = x * mask + x.roll(1, 0) * (1 - mask)
         loss = mix_loss(self.student(mix), y, y.roll(1, 0), mask.expand(len(x), *mask.shape),
-                        outside_weight=1.0, inside_weight=1.0, squared=self.cfg["train"]["dice"] == "batch-squared")
+                        outside_weight=1.0, inside_weight=1.0, squared=squared_dice(self.cfg))
         return loss, {"loss": loss.item()}
 
     def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
@@ -304,7 +309,7 @@ class BCP(MeanTeacher):
         mix_l = x_l * m_x + x_u[to_u] * (1 - m_x)  # labelled image, unlabelled box
         mix_u = x_u * m_x + x_l[to_l] * (1 - m_x)  # unlabelled image, labelled box
         m_l, m_u = mask.expand(len(x_l), *mask.shape), mask.expand(len(x_u), *mask.shape)
-        squared = self.cfg["train"]["dice"] == "batch-squared"
+        squared = squared_dice(self.cfg)
         loss_l = mix_loss(self.student(mix_l), y, pseudo[to_u], m_l, outside_weight=1.0,
                           inside_weight=self.u_weight, squared=squared)
         loss_u = mix_loss(self.student(mix_u), pseudo, y[to_l], m_u, outside_weight=self.u_weight,
