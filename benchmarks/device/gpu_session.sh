@@ -10,7 +10,7 @@
 #   5. predict (teacher ensemble + uncertainty, DDIM) and export on a la2d run
 #   6. the la3d-full protocol for a few steps (step time -> cost of the full protocol)
 # PARTS picks some of them (default smoke,ssl4mis: the la2d table exists from CPU runs); SSL4MIS_S and LA2D_S
-# bound those benches' seconds, SSL4MIS_JOBS and LA2D_JOBS their runs at a time, LA2D_ARGS adds bench options
+# bound those benches' seconds (SSL4MIS_STEPS shortens its runs, SSL4MIS_MORE adds methods for the time left), SSL4MIS_JOBS and LA2D_JOBS their runs at a time, LA2D_ARGS adds bench options
 # (e.g. --ablation weight), LA2D_FROM / SSL4MIS_FROM (folders in the tree) hold the runs of a bench cut short
 # to go on with.
 set -u
@@ -36,18 +36,28 @@ if [ $rc -ne 0 ]; then stamp "smoke failed ($rc)"; cat $OUT/smoke.log | tail -60
 fi
 
 S=$T/ssl4mis
+ssl4mis_args() {  # METHODS: the la2d-ssl4mis bench of these methods in $S
+  echo --protocol la2d-ssl4mis --train-data /tmp/LA --out $S --methods $1 ${SSL4MIS_STEPS:+--steps $SSL4MIS_STEPS}
+}
+ssl4mis_bench() {  # METHODS SECONDS: train them, SSL4MIS_JOBS runs at a time, for at most SECONDS
+  timeout -k 10 $2 $SD bench $(ssl4mis_args $1) --jobs ${SSL4MIS_JOBS:-6} --no-progress >> $OUT/ssl4mis.log 2>&1
+  echo "ssl4mis $1 rc=$?"; pkill -f multiprocessing.spawn; sleep 2
+  tail -3 $OUT/ssl4mis.log
+  for r in $S/runs/*/frac8/seed*; do echo "$r: $(tail -c 300 $r/log.jsonl | tail -1 | cut -c1-120)"; done
+}
 if part ssl4mis; then
 stamp la2d-ssl4mis
 if [ -n "${SSL4MIS_FROM:-}" ]; then cp -r "$SSL4MIS_FROM" $S; fi
-SSL4MIS_ARGS=(--protocol la2d-ssl4mis --train-data /tmp/LA --out $S --methods ${SSL4MIS_METHODS:-supervised,mean-teacher})
-timeout -k 10 ${SSL4MIS_S:-480} $SD bench "${SSL4MIS_ARGS[@]}" --jobs ${SSL4MIS_JOBS:-6} --no-progress \
-  > $OUT/ssl4mis.log 2>&1
-rc=$?; echo "ssl4mis rc=$rc"; pkill -f multiprocessing.spawn; sleep 2
-tail -3 $OUT/ssl4mis.log
-for r in $S/runs/*/frac8/seed*; do echo "$r: $(tail -c 300 $r/log.jsonl | tail -1 | cut -c1-120)"; done
-if [ $rc -ne 0 ]; then
-  timeout -k 5 60 $SD bench "${SSL4MIS_ARGS[@]}" --no-progress --report-only > $OUT/ssl4mis-report.log 2>&1
+methods=${SSL4MIS_METHODS:-supervised,mean-teacher}
+ssl4mis_bench $methods ${SSL4MIS_S:-480}
+# SSL4MIS_MORE: methods trained in the time left before SSL4MIS_END seconds (compared with the runs above)
+left=$(( ${SSL4MIS_END:-540} - ($(date +%s) - t0) ))
+if [ -n "${SSL4MIS_MORE:-}" ] && [ $left -gt 90 ]; then
+  stamp "la2d-ssl4mis $SSL4MIS_MORE"; ssl4mis_bench $SSL4MIS_MORE $left; methods=$methods,$SSL4MIS_MORE
 fi
+stamp "la2d-ssl4mis report ($methods)"  # one results.csv of every finished run
+timeout -k 5 60 $SD bench $(ssl4mis_args $methods) --no-progress --report-only > $OUT/ssl4mis-report.log 2>&1
+echo "report rc=$?"; tail -4 $OUT/ssl4mis-report.log
 fi
 
 B=$T/la2d

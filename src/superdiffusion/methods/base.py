@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ..nets.unet import SegNet, build_unet
 
@@ -126,21 +125,28 @@ def linear_ramp(step: int, total_steps: int) -> float:
 
 @torch.no_grad()
 def forward_batch_stats(net: nn.Module, x: Tensor) -> Tensor:
-    """net(x) as the official codes run their EMA teacher (train mode: batch statistics), but on copies of
-    its buffers, so the teacher's running statistics follow the student's by EMA only."""
+    """net(x) as the official codes run their EMA teacher (train mode: batch statistics), with its buffers put
+    back afterwards, so the teacher's running statistics follow the student's by EMA only. (Saving and restoring
+    the buffers costs two fused copies; torch.func.functional_call on copies cost ~1 ms of module traversal.)"""
     if not net.training:
         return net(x)
-    state = {**dict(net.named_parameters()), **{k: b.clone() for k, b in net.named_buffers()}}
-    return functional_call(net, state, (x,))
+    buffers = list(net.buffers())
+    saved = [b.clone() for b in buffers]
+    out = net(x)
+    torch._foreach_copy_(buffers, saved)
+    return out
 
 
 @torch.no_grad()
 def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average <- decay average + (1 - decay) model, parameters and floating buffers (BN statistics)."""
-    for a, m in zip(average.parameters(), model.parameters(), strict=True):
-        a.mul_(decay).add_(m, alpha=1 - decay)
+    """average <- decay average + (1 - decay) model, parameters and floating buffers (BN statistics); integer
+    buffers (BN's batch counter) copied. Fused over tensors: a per-tensor loop launched ~200 kernels a step."""
+    pairs = list(zip(average.parameters(), model.parameters(), strict=True))
+    counters = []
     for a, m in zip(average.buffers(), model.buffers(), strict=True):
-        if a.is_floating_point():
-            a.mul_(decay).add_(m, alpha=1 - decay)
-        else:  # BN's batch counter
-            a.copy_(m)
+        (pairs if a.is_floating_point() else counters).append((a, m))
+    averages, models = [a for a, _ in pairs], [m for _, m in pairs]
+    torch._foreach_mul_(averages, decay)
+    torch._foreach_add_(averages, models, alpha=1 - decay)
+    for a, m in counters:
+        a.copy_(m)
