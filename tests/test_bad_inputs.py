@@ -51,6 +51,7 @@ BAD_SETS = [  # (override, text the error must name)
     ("train.dice=squares", "train.dice"),
     ("train.augment=heavy", "train.augment"),
     ("model.arch=ssl4mis", "model.arch"),  # with method superdiffusion: its teacher needs a timestep input
+    ("train.unlabelled_batch_size=1", "bcp mixes the halves"),  # with method bcp
     ("eval.checkpoint=first", "eval.checkpoint"),
     ("diffusion.t_infer=5000", "diffusion.t_infer"),
     ("diffusion.schedule=quadratic", "quadratic"),
@@ -70,7 +71,7 @@ BAD_SETS = [  # (override, text the error must name)
 def test_bad_config_values_are_one_line_before_training(tmp_path, capsys, override, needle):
     out = tmp_path / "run"
     method = ["--set", "method=superdiffusion"] if override.startswith(("superdiffusion", "diffusion", "model.arch")) \
-        else []
+        else ["--set", "method=bcp"] if override.startswith("train.unlabelled_batch_size") else []
     assert main(["train", "demo", "--out", str(out), *TINY, *method, "--set", override]) == 2
     one_error_line(capsys, needle)
     assert not (out / "log.jsonl").exists()  # refused before any step

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from superdiffusion.checkpoint import load_checkpoint
 from superdiffusion.config import load_config
 from superdiffusion.engine.run import train_run
 from superdiffusion.methods import METHODS
-from superdiffusion.methods.base import supervised_loss
+from superdiffusion.methods.base import forward_batch_stats, supervised_loss
 from superdiffusion.methods.baselines import (
     BCP,
     CPS,
@@ -94,6 +95,22 @@ def test_mean_teacher_ema_update():
     assert not any(p.requires_grad for p in m.teacher.parameters())
     m.after_step(0)  # the official warm-up min(1 - 1/(step + 1), decay): the first update copies the student
     assert all(torch.allclose(v, student[k]) for k, v in m.teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_teacher_pass_uses_batch_statistics_and_leaves_the_running_ones(norm):
+    """The official teachers run in training mode: batch statistics, but their running statistics move by EMA
+    only (and a net without buffers, instance norm, passes too)."""
+    cfg = load_config(None, ["model.channels=[4, 8]", f"model.norm={norm}", "model.dropout=0.0"])
+    torch.manual_seed(0)
+    m = MeanTeacher(cfg, dims=2, in_channels=1, num_classes=2)
+    x = torch.randn(4, 1, 16, 16)
+    before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+    out = forward_batch_stats(m.teacher, x)
+    assert all(torch.equal(v, before[k]) for k, v in m.teacher.state_dict().items())
+    assert torch.allclose(out, m.teacher(x), atol=1e-6)  # a plain training-mode pass (it moves the buffers)
+    if norm == "batch":
+        assert any(not torch.equal(v, before[k]) for k, v in m.teacher.state_dict().items())
 
 
 def test_mean_teacher_consistency_waits_then_ramps_over_the_run():
@@ -217,6 +234,10 @@ def test_bcp_pretrains_on_labelled_copy_paste_then_starts_its_teacher_from_it(tm
     train_run(cfg, tmp_path / "bcp", progress=False)
     stage_log = [json.loads(r) for r in (tmp_path / "bcp" / "pretrain" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stage_log if "loss" in r] == list(range(1, 6))  # round(15 * 10000 / 30000)
+    # stage 2 went on with stage 1's optimiser state (their code loads it): Adam counted 5 + 15 steps
+    adam = load_checkpoint(tmp_path / "bcp" / "checkpoints" / "last.pt")["optimizers"]["student"]
+    assert {int(v["step"]) for v in adam["state"].values()} == {20}
+    assert adam["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)  # its own poly schedule, ended
     assert BCP.pretrain_steps({"train": {"steps": 15}, "data": {"dims": 3}}) == 2  # round(15 * 2000 / 15000)
     m = BCP(cfg, dims=2, in_channels=1, num_classes=2)
     stage = m.stages()[0]
@@ -249,29 +270,63 @@ def test_bcp_pseudo_labels_keep_each_class_largest_component_and_a_fixed_ema():
 
 
 class _Fixed(torch.nn.Module):
-    """A stand-in network that returns the given logits."""
+    """A stand-in network that returns the given logits, one tensor per call in turn."""
 
-    def __init__(self, logits: torch.Tensor):
+    def __init__(self, *logits: torch.Tensor):
         super().__init__()
-        self.logits = logits
+        self.logits, self.calls = logits, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits
+        self.calls += 1
+        return self.logits[(self.calls - 1) % len(self.logits)]
+
+
+def _sure(labels: torch.Tensor) -> torch.Tensor:
+    """Logits that put all mass on `labels`."""
+    return 50 * torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
 
 
 def test_bcp_pretrain_mixes_labels_with_their_images():
-    """A prediction equal to the pasted label map scores ~0; the unmixed label map does not."""
+    """Their code's halves: image a of the batch with a box of image b, and its label likewise. A prediction
+    equal to that mixed label map scores ~0; the unmixed label map of a does not."""
     cfg = load_config(None, ["method=bcp", "model.channels=[4, 8]"])
-    y = torch.zeros(2, 12, 12, dtype=torch.long)
-    y[0, :6] = 1  # image 0: top half; image 1: empty
+    y = torch.zeros(4, 12, 12, dtype=torch.long)
+    y[0, :6] = 1  # a = images 0-1, b = images 2-3
+    y[3, :, :4] = 1
     mask = box_mask((12, 12), BCP.box_ratio, torch.Generator().manual_seed(0))
-    mixed = (y * mask + y.roll(1, 0) * (1 - mask)).long()
+    mixed = (y[:2] * mask + y[2:] * (1 - mask)).long()
 
     def loss_of(labels: torch.Tensor) -> float:
-        logits = 50 * torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
-        stage = BCPPretrain(cfg, student=_Fixed(logits), dims=2, in_channels=1, num_classes=2)
-        loss, _ = stage.training_step({"image": torch.randn(2, 1, 12, 12), "label": y}, step=0, total_steps=1,
+        stage = BCPPretrain(cfg, student=_Fixed(_sure(labels)), dims=2, in_channels=1, num_classes=2)
+        loss, _ = stage.training_step({"image": torch.randn(4, 1, 12, 12), "label": y}, step=0, total_steps=1,
                                       generator=torch.Generator().manual_seed(0))
         return float(loss)
 
-    assert loss_of(mixed) < 1e-3 < loss_of(y)
+    assert loss_of(mixed) < 1e-3 < loss_of(y[:2])
+
+
+def test_bcp_self_training_mixes_each_half_once():
+    """Their code: unlabelled half a with a box of labelled half a, labelled half b with a box of unlabelled
+    half b, each against the mix of (pseudo-)labels; the teacher labels each unlabelled half in its own pass."""
+    cfg = load_config(None, ["method=bcp", "model.channels=[4, 8]"])
+    m = BCP(cfg, dims=2, in_channels=1, num_classes=2)
+    y = torch.zeros(4, 12, 12, dtype=torch.long)
+    y[0, :5] = 1
+    y[3, :, 7:] = 1
+    pseudo = torch.zeros(4, 12, 12, dtype=torch.long)
+    pseudo[1, 2:6, 2:6] = 1  # one component each: the largest-component step keeps them
+    pseudo[2, 6:, :] = 1
+    mask = box_mask((12, 12), BCP.box_ratio, torch.Generator().manual_seed(0))
+    m.teacher = _Fixed(_sure(pseudo[:2]), _sure(pseudo[2:]))
+    target_u = (pseudo[:2] * mask + y[:2] * (1 - mask)).long()  # unlabelled a, labelled a's box
+    target_l = (y[2:] * mask + pseudo[2:] * (1 - mask)).long()  # labelled b, unlabelled b's box
+
+    def loss_of(first: torch.Tensor, second: torch.Tensor) -> float:
+        m.teacher.calls, m.student = 0, _Fixed(_sure(first), _sure(second))
+        batch = {"image": torch.randn(4, 1, 12, 12), "label": y, "unlabelled": torch.randn(4, 1, 12, 12)}
+        loss, _ = m.training_step(batch, step=0, total_steps=1, generator=torch.Generator().manual_seed(0))
+        assert m.teacher.calls == 2 and m.student.calls == 2
+        return float(loss)
+
+    assert loss_of(target_u, target_l) < 1e-3
+    assert loss_of(target_l, target_u) > 0.1 and loss_of(pseudo[:2], y[2:]) > 0.1

@@ -47,6 +47,9 @@ def check_config(cfg: dict) -> None:
                                                                  {"L", "A", "I"}, {"R", "P", "I"})):
         raise InputError(f"data.orientation: {codes!r} must be three axis codes, one per direction, such as RAS "
                          "or LPS")
+    if cfg["method"] == "bcp" and min(t["batch_size"], t["unlabelled_batch_size"]) < 2:
+        raise InputError(f"train.batch_size / unlabelled_batch_size: {t['batch_size']} / "
+                         f"{t['unlabelled_batch_size']}; bcp mixes the halves of each batch, so both must be >= 2")
     m = cfg["model"]
     if m["arch"] not in ARCHS:
         raise InputError(f"model.arch: unknown {m['arch']!r} ({', '.join(ARCHS)})")
@@ -148,10 +151,15 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     t0 = time.perf_counter()
     torch.manual_seed(cfg["seed"])
     method = build_method(cfg, in_channels=data.in_channels)
-    for stage in method.stages():  # earlier stages of a pipeline (SuperDiffusion's pre-training)
+    stages = method.stages()
+    for stage in stages:  # earlier stages of a pipeline (SuperDiffusion's pre-training)
         run_stage(stage, cfg, data, run_dir / stage.folder, resume=resume, progress=progress)
     method.after_stages()  # before fit(): a resumed run's checkpoint then overrides what this sets
-    summary = Trainer(method, cfg, data, run_dir, progress=progress).fit(resume=resume)
+    trainer = Trainer(method, cfg, data, run_dir, progress=progress)
+    for stage in stages:
+        if stage.carry_optimizer:  # BCP's self-training goes on with its pre-training's momentum
+            trainer.carry_optimizer_state(load_checkpoint(run_dir / stage.folder / "checkpoints" / "last.pt"))
+    summary = trainer.fit(resume=resume)  # a resumed run's own checkpoint overrides the carried state
     results = {"steps": summary["step"], "rank": rank}
     if rank == 0:  # rank 0 alone evaluates and records
         results = final_evaluation(method, cfg, data, run_dir)

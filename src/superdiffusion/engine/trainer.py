@@ -141,6 +141,18 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=self.memory_format) if self.memory_format and x.is_floating_point() else x
 
+    def carry_optimizer_state(self, payload: dict) -> None:
+        """Start from an earlier stage's optimiser state (momenta, Adam's moments and step) over the same
+        parameters, keeping this stage's own learning rate and schedule."""
+        saved = list(payload["optimizers"].values())
+        optimizer = next(iter(self.optimizers.values()))
+        sizes = [sum(len(g["params"]) for g in o["param_groups"]) for o in (saved[0], optimizer.state_dict())]
+        if len(saved) != 1 or len(self.optimizers) != 1 or sizes[0] != sizes[1]:
+            raise ValueError(f"carry_optimizer: {len(saved)} saved and {len(self.optimizers)} current optimisers "
+                             f"over {sizes} parameters; it needs one of each over the same parameters")
+        optimizer.load_state_dict({"state": saved[0]["state"],
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
+
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, *, resume: bool = False) -> dict:
         last = self.ckpt_dir / "last.pt"

@@ -86,6 +86,7 @@ class Stage:
     method: Method
     steps: int
     lr: float
+    carry_optimizer: bool = False  # the final method's optimiser starts from this stage's state (not its lr)
 
 
 def dice_loss(*, ce: bool = False, batch: bool = False, squared: bool = False) -> nn.Module:
@@ -130,10 +131,11 @@ def forward_batch_stats(net: nn.Module, x: Tensor) -> Tensor:
     the buffers costs two fused copies; torch.func.functional_call on copies cost ~1 ms of module traversal.)"""
     if not net.training:
         return net(x)
-    buffers = list(net.buffers())
+    buffers = list(net.buffers())  # none under instance norm
     saved = [b.clone() for b in buffers]
     out = net(x)
-    torch._foreach_copy_(buffers, saved)
+    if buffers:
+        torch._foreach_copy_(buffers, saved)
     return out
 
 
@@ -146,7 +148,8 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
     for a, m in zip(average.buffers(), model.buffers(), strict=True):
         (pairs if a.is_floating_point() else counters).append((a, m))
     averages, models = [a for a, _ in pairs], [m for _, m in pairs]
-    torch._foreach_mul_(averages, decay)
-    torch._foreach_add_(averages, models, alpha=1 - decay)
+    if averages:
+        torch._foreach_mul_(averages, decay)
+        torch._foreach_add_(averages, models, alpha=1 - decay)
     for a, m in counters:
         a.copy_(m)

@@ -231,10 +231,16 @@ def mix_loss(logits: Tensor, outside: Tensor, inside: Tensor, mask: Tensor, *, o
             + inside_weight * masked_dice_ce(logits, inside, 1 - mask, **form)) / 2
 
 
+def halves(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The first n images and the next n: BCP's img_a / img_b (each image of a batch in one mix)."""
+    return x[:n], x[n:2 * n]
+
+
 class BCPPretrain(Method):
-    """BCP's first stage: copy-paste between labelled images only (image i gets a box of image i - 1, and
-    its label likewise), both regions weighted 1. It gives the self-training stage a student, and so an EMA
-    teacher, whose pseudo-labels are worth pasting from the first step."""
+    """BCP's first stage: copy-paste between labelled images only, as their code: the batch split in halves a
+    and b, each a image gets a box of its b image, and its label likewise, both regions weighted 1. It gives
+    the self-training stage a student, and so an EMA teacher, whose pseudo-labels are worth pasting from the
+    first step."""
 
     name = "bcp-pretrain"
     validates = False  # the last step is kept, as the reference's schedule
@@ -245,10 +251,11 @@ class BCPPretrain(Method):
 
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        x, y = batch["image"], batch["label"]
-        mask = box_mask(tuple(x.shape[2:]), BCP.box_ratio, generator).to(x)
-        mix = x * mask + x.roll(1, 0) * (1 - mask)
-        loss = mix_loss(self.student(mix), y, y.roll(1, 0), mask.expand(len(x), *mask.shape),
+        n = len(batch["image"]) // 2
+        (x_a, x_b), (y_a, y_b) = halves(batch["image"], n), halves(batch["label"], n)
+        mask = box_mask(tuple(x_a.shape[2:]), BCP.box_ratio, generator).to(x_a)
+        mix = x_a * mask + x_b * (1 - mask)
+        loss = mix_loss(self.student(mix), y_a, y_b, mask.expand(n, *mask.shape),
                         outside_weight=1.0, inside_weight=1.0, squared=squared_dice(self.cfg))
         return loss, {"loss": loss.item()}
 
@@ -266,9 +273,11 @@ class BCP(MeanTeacher):
     foreground class reduced to its largest connected component (their LargestCC, per image); a box of
     box_ratio (2/3) of each side, at a random position, is pasted from an unlabelled image into a labelled
     one and from a labelled image into an unlabelled one; the student learns both mixes with (Dice + CE) / 2
-    against the same mix of (label, pseudo-label), unlabelled regions weighted u_weight (0.5). Pairs:
-    labelled i with unlabelled i mod Bu and back, so every image of both streams is used (theirs splits each
-    stream in halves, each image in one mix). Stage 1 keeps its last step (theirs its best on validation).
+    against the same mix of (label, pseudo-label), unlabelled regions weighted u_weight (0.5). As their code,
+    each stream is split in halves a and b, each image in one mix: unlabelled a with a labelled a box,
+    labelled b with an unlabelled b box (the teacher labels each unlabelled half in its own pass), and stage 2
+    goes on with stage 1's optimiser state (`carry_optimizer`). Stage 1 keeps its last step (theirs its best
+    on validation).
     """
 
     name = "bcp"
@@ -292,7 +301,7 @@ class BCP(MeanTeacher):
             return []
         stage1 = BCPPretrain(self.cfg, student=self.student, dims=self.dims, in_channels=self.in_channels,
                              num_classes=self.num_classes)
-        return [Stage("pretrain", stage1, steps=steps, lr=self.cfg["train"]["lr"])]
+        return [Stage("pretrain", stage1, steps=steps, lr=self.cfg["train"]["lr"], carry_optimizer=True)]
 
     @torch.no_grad()
     def after_stages(self) -> None:
@@ -300,19 +309,16 @@ class BCP(MeanTeacher):
 
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
-        pseudo = largest_components(forward_batch_stats(self.teacher, x_u).argmax(1))
-        mask = box_mask(tuple(x_l.shape[2:]), self.box_ratio, generator).to(x_l)
-        dev = x_l.device
-        to_u, to_l = torch.arange(len(x_l), device=dev) % len(x_u), torch.arange(len(x_u), device=dev) % len(x_l)
-        m_x = mask[None, None]
-        mix_l = x_l * m_x + x_u[to_u] * (1 - m_x)  # labelled image, unlabelled box
-        mix_u = x_u * m_x + x_l[to_l] * (1 - m_x)  # unlabelled image, labelled box
-        m_l, m_u = mask.expand(len(x_l), *mask.shape), mask.expand(len(x_u), *mask.shape)
+        n = min(len(batch["image"]), len(batch["unlabelled"])) // 2
+        (x_a, x_b), (y_a, y_b) = halves(batch["image"], n), halves(batch["label"], n)
+        u_a, u_b = halves(batch["unlabelled"], n)
+        p_a, p_b = (largest_components(forward_batch_stats(self.teacher, u).argmax(1)) for u in (u_a, u_b))
+        mask = box_mask(tuple(x_a.shape[2:]), self.box_ratio, generator).to(x_a)
+        m = mask.expand(n, *mask.shape)
         squared = squared_dice(self.cfg)
-        loss_l = mix_loss(self.student(mix_l), y, pseudo[to_u], m_l, outside_weight=1.0,
-                          inside_weight=self.u_weight, squared=squared)
-        loss_u = mix_loss(self.student(mix_u), pseudo, y[to_l], m_u, outside_weight=self.u_weight,
-                          inside_weight=1.0, squared=squared)
+        loss_u = mix_loss(self.student(u_a * mask + x_a * (1 - mask)), p_a, y_a, m,  # unlabelled, labelled box
+                          outside_weight=self.u_weight, inside_weight=1.0, squared=squared)
+        loss_l = mix_loss(self.student(x_b * mask + u_b * (1 - mask)), y_b, p_b, m,  # labelled, unlabelled box
+                          outside_weight=1.0, inside_weight=self.u_weight, squared=squared)
         loss = loss_l + loss_u
         return loss, {"loss": loss.item(), "loss_l": loss_l.item(), "loss_u": loss_u.item()}
