@@ -43,6 +43,12 @@ def norm_layer(dims: int, kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r} (batch, instance, group)")
 
 
+def conv_norm_act(dims: int, cin: int, cout: int, norm: str) -> nn.Sequential:
+    """3x3 convolution, norm, LeakyReLU(0.01): the layer both double-convolution U-Nets are made of."""
+    return nn.Sequential(conv(dims, cin, cout, 3, padding=1), norm_layer(dims, norm, cout),
+                         nn.LeakyReLU(0.01, inplace=True))
+
+
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     """Transformer-style embedding of integer timesteps, (B,) -> (B, dim)."""
     half = dim // 2
@@ -56,10 +62,8 @@ class ConvBlock(nn.Module):
 
     def __init__(self, dims: int, cin: int, cout: int, norm: str, time_dim: int | None = None):
         super().__init__()
-        self.conv1 = nn.Sequential(conv(dims, cin, cout, 3, padding=1), norm_layer(dims, norm, cout),
-                                   nn.LeakyReLU(0.01, inplace=True))
-        self.conv2 = nn.Sequential(conv(dims, cout, cout, 3, padding=1), norm_layer(dims, norm, cout),
-                                   nn.LeakyReLU(0.01, inplace=True))
+        self.conv1 = conv_norm_act(dims, cin, cout, norm)
+        self.conv2 = conv_norm_act(dims, cout, cout, norm)
         self.time = nn.Linear(time_dim, cout) if time_dim else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
@@ -173,9 +177,8 @@ class _SSL4MISConvBlock(nn.Sequential):
     """SSL4MIS's ConvBlock: conv-norm-LeakyReLU, dropout, conv-norm-LeakyReLU."""
 
     def __init__(self, dims: int, cin: int, cout: int, norm: str, dropout: float):
-        super().__init__(conv(dims, cin, cout, 3, padding=1), norm_layer(dims, norm, cout), nn.LeakyReLU(),
-                         nn.Dropout(dropout),
-                         conv(dims, cout, cout, 3, padding=1), norm_layer(dims, norm, cout), nn.LeakyReLU())
+        super().__init__(*conv_norm_act(dims, cin, cout, norm), nn.Dropout(dropout),
+                         *conv_norm_act(dims, cout, cout, norm))
 
 
 class _SSL4MISUp(nn.Module):
