@@ -249,6 +249,33 @@ def test_bcp_pretrains_on_labelled_copy_paste_then_starts_its_teacher_from_it(tm
         assert torch.equal(t, s)
 
 
+@pytest.mark.parametrize(("stage", "at_step"), [(BCPPretrain, 1), (BCP, 3)], ids=["in-pretraining", "in-self-training"])
+def test_bcp_interrupted_and_resumed_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, stage, at_step):
+    """The carried optimiser state survives a stop anywhere: resumed runs end with the same weights and state."""
+    cfg = load_config(None, [
+        "method=bcp", "data.format=synthetic", "data.synthetic={cases: 10, shape: [32, 32], seed: 0}",
+        "split.labelled=4", "split.val=2", "model.channels=[4, 8]", "train.patch=[32, 32]", "train.batch_size=2",
+        "train.unlabelled_batch_size=2", "train.steps=6", "train.val_every=0", "train.ckpt_every=1",
+        "train.threads=1"])
+    train_run(cfg, tmp_path / "a", progress=False)
+    real = stage.training_step
+
+    def interrupting(self, batch, *, step, **kw):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real(self, batch, step=step, **kw)
+
+    monkeypatch.setattr(stage, "training_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(stage, "training_step", real)
+    train_run(cfg, tmp_path / "b", resume=True, progress=False)
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in "ab")
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    state_a, state_b = a["optimizers"]["student"]["state"], b["optimizers"]["student"]["state"]
+    assert all(torch.equal(v["exp_avg"], state_b[k]["exp_avg"]) for k, v in state_a.items())
+
+
 def test_bcp_pseudo_labels_keep_each_class_largest_component_and_a_fixed_ema():
     from superdiffusion.methods.baselines import largest_components
 
