@@ -223,14 +223,19 @@ def test_learns_on_synthetic(tmp_path, name):
     assert results["val"][results["predictor"]]["mean"]["dice"]["mean"] > DICE_FLOOR
 
 
+def _tiny_bcp_cfg(*, cases: int, steps: int, ckpt_every: int) -> dict:
+    """BCP on synthetic 32x32 cases, 4 labelled, batches of 2 + 2, no validation during training."""
+    return load_config(None, [
+        "method=bcp", "data.format=synthetic", f"data.synthetic={{cases: {cases}, shape: [32, 32], seed: 0}}",
+        "split.labelled=4", "split.val=2", "model.channels=[4, 8]", "train.patch=[32, 32]", "train.batch_size=2",
+        "train.unlabelled_batch_size=2", f"train.steps={steps}", "train.val_every=0", f"train.ckpt_every={ckpt_every}",
+        "train.threads=1"])
+
+
 def test_bcp_pretrains_on_labelled_copy_paste_then_starts_its_teacher_from_it(tmp_path):
     """BCP's stage 1 runs in pretrain/ on labelled mixes (2D: a third of stage 2's steps, their ACDC code's 10000
     of 30000; 3D: 2/15 of them, their LA code); the EMA teacher starts from it."""
-    cfg = load_config(None, [
-        "method=bcp", "data.format=synthetic", "data.synthetic={cases: 12, shape: [32, 32], seed: 0}",
-        "split.labelled=4", "split.val=2", "model.channels=[4, 8]", "train.patch=[32, 32]", "train.batch_size=2",
-        "train.unlabelled_batch_size=2", "train.steps=15", "train.val_every=0", "train.ckpt_every=15",
-        "train.threads=1"])
+    cfg = _tiny_bcp_cfg(cases=12, steps=15, ckpt_every=15)
     train_run(cfg, tmp_path / "bcp", progress=False)
     stage_log = [json.loads(r) for r in (tmp_path / "bcp" / "pretrain" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stage_log if "loss" in r] == list(range(1, 6))  # round(15 * 10000 / 30000)
@@ -252,11 +257,7 @@ def test_bcp_pretrains_on_labelled_copy_paste_then_starts_its_teacher_from_it(tm
 @pytest.mark.parametrize(("stage", "at_step"), [(BCPPretrain, 1), (BCP, 3)], ids=["in-pretraining", "in-self-training"])
 def test_bcp_interrupted_and_resumed_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, stage, at_step):
     """The carried optimiser state survives a stop anywhere: resumed runs end with the same weights and state."""
-    cfg = load_config(None, [
-        "method=bcp", "data.format=synthetic", "data.synthetic={cases: 10, shape: [32, 32], seed: 0}",
-        "split.labelled=4", "split.val=2", "model.channels=[4, 8]", "train.patch=[32, 32]", "train.batch_size=2",
-        "train.unlabelled_batch_size=2", "train.steps=6", "train.val_every=0", "train.ckpt_every=1",
-        "train.threads=1"])
+    cfg = _tiny_bcp_cfg(cases=10, steps=6, ckpt_every=1)
     train_run(cfg, tmp_path / "a", progress=False)
     real = stage.training_step
 

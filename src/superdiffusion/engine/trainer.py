@@ -145,13 +145,13 @@ class Trainer:
         """Start from an earlier stage's optimiser state (momenta, Adam's moments and step) over the same
         parameters, keeping this stage's own learning rate and schedule."""
         saved = list(payload["optimizers"].values())
-        optimizer = next(iter(self.optimizers.values()))
-        sizes = [sum(len(g["params"]) for g in o["param_groups"]) for o in (saved[0], optimizer.state_dict())]
-        if len(saved) != 1 or len(self.optimizers) != 1 or sizes[0] != sizes[1]:
-            raise ValueError(f"carry_optimizer: {len(saved)} saved and {len(self.optimizers)} current optimisers "
+        current = [o.state_dict() for o in self.optimizers.values()]
+        sizes = [sum(len(g["params"]) for o in opts for g in o["param_groups"]) for opts in (saved, current)]
+        if len(saved) != 1 or len(current) != 1 or sizes[0] != sizes[1]:
+            raise ValueError(f"carry_optimizer: {len(saved)} saved and {len(current)} current optimisers "
                              f"over {sizes} parameters; it needs one of each over the same parameters")
-        optimizer.load_state_dict({"state": saved[0]["state"],
-                                   "param_groups": optimizer.state_dict()["param_groups"]})
+        next(iter(self.optimizers.values())).load_state_dict({"state": saved[0]["state"],
+                                                              "param_groups": current[0]["param_groups"]})
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, *, resume: bool = False) -> dict:
