@@ -19,6 +19,7 @@ from superdiffusion.methods.baselines import (
     CPS,
     UAMT,
     BCPPretrain,
+    CPSPaper,
     MeanTeacher,
     box_mask,
     masked_dice_ce,
@@ -44,7 +45,8 @@ def tiny_batch(dims: int, k: int) -> dict:
 
 
 def test_registry():
-    for name, cls in {"mean-teacher": MeanTeacher, "ua-mt": UAMT, "cps": CPS, "bcp": BCP}.items():
+    for name, cls in {"mean-teacher": MeanTeacher, "ua-mt": UAMT, "cps": CPS, "cps-paper": CPSPaper,
+                      "bcp": BCP}.items():
         assert METHODS[name] is cls and cls.uses_unlabelled
 
 
@@ -143,6 +145,20 @@ def test_cps_pseudo_supervises_the_unlabelled_images_only(monkeypatch):
     m.pseudo_on_labelled = True
     m.training_step(batch, step=3, total_steps=10, generator=torch.Generator().manual_seed(0))
     assert sizes == [5, 5]
+
+
+def test_cps_paper_weighs_every_image_1_5_from_the_first_step():
+    """TorchSemiSeg's CPS: cps_weight 1.5 (VOC), unramped, cross terms on labelled and unlabelled predictions;
+    SSL4MIS's port ramps 0.1 over the run."""
+    paper, port = build(CPSPaper, 2).train(), build(CPS, 2).train()
+    assert paper.pseudo_on_labelled and not port.pseudo_on_labelled
+    for step in (0, 5, 10):
+        _, logs = paper.training_step(tiny_batch(2, 2), step=step, total_steps=10,
+                                      generator=torch.Generator().manual_seed(0))
+        assert logs["w"] == 1.5
+        assert logs["loss"] == pytest.approx(logs["sup"] + 1.5 * logs["cps"], rel=1e-6)
+    _, logs = port.training_step(tiny_batch(2, 2), step=0, total_steps=10, generator=torch.Generator().manual_seed(0))
+    assert logs["w"] == pytest.approx(0.1 * math.exp(-5))
 
 
 def test_helpers():

@@ -138,6 +138,7 @@ class CPS(Method):
     step_cost = 4.0
     cps_weight = 0.1
     pseudo_on_labelled = False
+    ramped = True
 
     def __init__(self, cfg: dict, **kw):
         super().__init__(cfg, **kw)
@@ -160,7 +161,7 @@ class CPS(Method):
         if not self.pseudo_on_labelled:
             o1, o2 = o1[n:], o2[n:]
         cps = F.cross_entropy(o1, o2.argmax(1).detach()) + F.cross_entropy(o2, o1.argmax(1).detach())
-        w = self.cps_weight * sigmoid_ramp(step, total_steps)
+        w = self.cps_weight * (sigmoid_ramp(step, total_steps) if self.ramped else 1.0)
         loss = sup + w * cps
         return loss, {"loss": loss.item(), "sup": sup.item(), "cps": cps.item(), "w": w}
 
@@ -170,6 +171,17 @@ class CPS(Method):
 
     def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
         return {"net1": self.net1, "net2": self.net2, "ensemble": self.ensemble}
+
+
+class CPSPaper(CPS):
+    """CPS as its authors' own code trains it (TorchSemiSeg, natural images; `cps` is SSL4MIS's medical port):
+    the cross terms on every image of the step, labelled ones included, at the paper's PASCAL VOC weight 1.5
+    from the first step (no ramp; Cityscapes: 6), relative to the supervised term of each network."""
+
+    name = "cps-paper"
+    cps_weight = 1.5
+    pseudo_on_labelled = True
+    ramped = False
 
 
 def largest_components(labels: Tensor) -> Tensor:
