@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,27 @@ def _keep_torch_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def interrupted_at(monkeypatch) -> Callable:
+    """`with interrupted_at(MethodClass, step):` the method's training_step raises KeyboardInterrupt (a stop) when
+    it reaches `step`; the patch is undone on leaving the block."""
+
+    @contextlib.contextmanager
+    def patched(cls: type, at_step: int) -> Iterator[None]:
+        real = cls.training_step
+
+        def interrupting(self, batch, *, step, **kw):
+            if step == at_step:
+                raise KeyboardInterrupt
+            return real(self, batch, step=step, **kw)
+
+        with monkeypatch.context() as m:
+            m.setattr(cls, "training_step", interrupting)
+            yield
+
+    return patched
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@
 #   5. predict (teacher ensemble + uncertainty, DDIM) and export on a la2d run
 #   6. the la3d-full protocol for a few steps (step time -> cost of the full protocol)
 # PARTS picks some of them (default smoke,ssl4mis: the la2d table exists from CPU runs); SSL4MIS_S and LA2D_S
-# bound those benches' seconds (SSL4MIS_STEPS shortens its runs, SSL4MIS_MORE adds methods for the time left), SSL4MIS_JOBS and LA2D_JOBS their runs at a time, LA2D_ARGS adds bench options
-# (e.g. --ablation weight), LA2D_FROM / SSL4MIS_FROM (folders in the tree) hold the runs of a bench cut short
-# to go on with.
+# bound those benches' seconds (SSL4MIS_STEPS shortens its runs, SSL4MIS_MORE adds methods for the time left),
+# SSL4MIS_JOBS and LA2D_JOBS their runs at a time, LA2D_ARGS adds bench options (e.g. --ablation weight),
+# LA2D_FROM / SSL4MIS_FROM (folders in the tree) hold the runs of a bench cut short to go on with.
 set -u
 PARTS=,${PARTS:-smoke,ssl4mis},
 part() { [[ $PARTS == *,$1,* ]]; }

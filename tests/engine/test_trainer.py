@@ -199,17 +199,6 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_cfg):
     assert steps_b[-1] == RESUME_STEPS and interrupted_step + 1 in steps_b
 
 
-def _interrupt_at(monkeypatch, at_step: int) -> None:
-    real = Supervised.training_step
-
-    def interrupting(self, batch, *, step, **kw):
-        if step == at_step:
-            raise KeyboardInterrupt
-        return real(self, batch, step=step, **kw)
-
-    monkeypatch.setattr(Supervised, "training_step", interrupting)
-
-
 def _count_steps(monkeypatch) -> list[int]:
     """The (0-based) steps that training_step runs from now on."""
     steps: list[int] = []
@@ -223,14 +212,12 @@ def _count_steps(monkeypatch) -> list[int]:
     return steps
 
 
-def test_resume_falls_back_to_prev_when_last_is_corrupt(tmp_path, tiny_cfg, monkeypatch):
+def test_resume_falls_back_to_prev_when_last_is_corrupt(tmp_path, tiny_cfg, monkeypatch, interrupted_at):
     cfg = tiny_cfg("train.steps=8", "train.val_every=0")
     train_run(cfg, tmp_path / "a", progress=False)
     run = tmp_path / "b"
-    with monkeypatch.context() as m:
-        _interrupt_at(m, 5)
-        with pytest.raises(KeyboardInterrupt):
-            train_run(cfg, run, progress=False)
+    with interrupted_at(Supervised, 5), pytest.raises(KeyboardInterrupt):
+        train_run(cfg, run, progress=False)
     last = run / "checkpoints" / "last.pt"
     assert load_checkpoint(last)["step"] == 4 and load_checkpoint(previous_path(last))["step"] == 2
     last.write_bytes(last.read_bytes()[:100])  # e.g. a disk error after the rename
@@ -242,19 +229,17 @@ def test_resume_falls_back_to_prev_when_last_is_corrupt(tmp_path, tiny_cfg, monk
     assert [r["step"] for r in _train_lines(run)][-6:] == [3, 4, 5, 6, 7, 8]
 
 
-def _interrupted_at_step_5(tmp_path, tiny_cfg, monkeypatch) -> tuple[dict, Path]:
+def _interrupted_at_step_5(tmp_path, tiny_cfg, interrupted_at) -> tuple[dict, Path]:
     """An 8-step run stopped inside step 5 (checkpoints every 2 steps): its config and folder."""
     cfg = tiny_cfg("train.steps=8", "train.val_every=0")
     run = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _interrupt_at(m, 5)
-        with pytest.raises(KeyboardInterrupt):
-            train_run(cfg, run, progress=False)
+    with interrupted_at(Supervised, 5), pytest.raises(KeyboardInterrupt):
+        train_run(cfg, run, progress=False)
     return cfg, run
 
 
-def test_resume_uses_prev_when_last_is_missing(tmp_path, tiny_cfg, monkeypatch):
-    cfg, run = _interrupted_at_step_5(tmp_path, tiny_cfg, monkeypatch)
+def test_resume_uses_prev_when_last_is_missing(tmp_path, tiny_cfg, monkeypatch, interrupted_at):
+    cfg, run = _interrupted_at_step_5(tmp_path, tiny_cfg, interrupted_at)
     last = run / "checkpoints" / "last.pt"
     assert load_checkpoint(previous_path(last))["step"] == 2
     last.unlink()  # a last.pt lost by other means (save_checkpoint itself never leaves this state)
@@ -266,8 +251,8 @@ def test_resume_uses_prev_when_last_is_missing(tmp_path, tiny_cfg, monkeypatch):
     assert any("previous checkpoint" in str(w.message) for w in caught)
 
 
-def test_resume_tolerates_a_torn_log_line(tmp_path, tiny_cfg, monkeypatch):
-    cfg, run = _interrupted_at_step_5(tmp_path, tiny_cfg, monkeypatch)
+def test_resume_tolerates_a_torn_log_line(tmp_path, tiny_cfg, interrupted_at):
+    cfg, run = _interrupted_at_step_5(tmp_path, tiny_cfg, interrupted_at)
     log = run / "log.jsonl"
     log.write_text(log.read_text() + '{"step": 6, "ti')  # the line being written when the process died
     train_run(cfg, run, resume=True, progress=False)

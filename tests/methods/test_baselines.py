@@ -271,21 +271,12 @@ def test_bcp_pretrains_on_labelled_copy_paste_then_starts_its_teacher_from_it(tm
 
 
 @pytest.mark.parametrize(("stage", "at_step"), [(BCPPretrain, 1), (BCP, 3)], ids=["in-pretraining", "in-self-training"])
-def test_bcp_interrupted_and_resumed_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, stage, at_step):
+def test_bcp_interrupted_and_resumed_ends_as_an_uninterrupted_run(tmp_path, interrupted_at, stage, at_step):
     """The carried optimiser state survives a stop anywhere: resumed runs end with the same weights and state."""
     cfg = _tiny_bcp_cfg(cases=10, steps=6, ckpt_every=1)
     train_run(cfg, tmp_path / "a", progress=False)
-    real = stage.training_step
-
-    def interrupting(self, batch, *, step, **kw):
-        if step == at_step:
-            raise KeyboardInterrupt
-        return real(self, batch, step=step, **kw)
-
-    monkeypatch.setattr(stage, "training_step", interrupting)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(stage, at_step), pytest.raises(KeyboardInterrupt):
         train_run(cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(stage, "training_step", real)
     train_run(cfg, tmp_path / "b", resume=True, progress=False)
     a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in "ab")
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
