@@ -129,7 +129,8 @@ class CPS(Method):
     Two U-Nets, Kaiming- and Xavier-normal initialised, one optimiser each; each gets 0.5 (Dice + CE) on
     labels plus w(t) * CE against the other's argmax on the unlabelled images of the step (SSL4MIS's
     `outputs[labeled_bs:]`; the paper's natural-image code also uses the labelled ones: `pseudo_on_labelled`);
-    w(t) = cps_weight * exp(-5 (1 - t)^2) over the run (SSL4MIS: 0.1; the paper's VOC 1.5, unramped).
+    w(t) = cps_weight * exp(-5 (1 - t)^2) over the run (SSL4MIS: 0.1), or cps_weight throughout when not `ramped`
+    (the paper's code: 1.5 on PASCAL VOC, `CPSPaper`).
     Predictors: net1 (the paper infers with one branch), net2, and the ensemble of their probabilities.
     """
 
@@ -174,9 +175,10 @@ class CPS(Method):
 
 
 class CPSPaper(CPS):
-    """CPS as its authors' own code trains it (TorchSemiSeg, natural images; `cps` is SSL4MIS's medical port):
+    """CPS with its authors' own cross terms (TorchSemiSeg, natural images; `cps` is SSL4MIS's medical port):
     the cross terms on every image of the step, labelled ones included, at the paper's PASCAL VOC weight 1.5
-    from the first step (no ramp; Cityscapes: 6), relative to the supervised term of each network."""
+    from the first step (no ramp; Cityscapes: 6). Their supervised term is cross-entropy at weight 1; here it
+    stays the port's 0.5 (Dice + CE), so the cross terms weigh 3x the supervised CE where theirs weigh 1.5x."""
 
     name = "cps-paper"
     cps_weight = 1.5
