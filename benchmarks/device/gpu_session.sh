@@ -13,6 +13,9 @@
 # bound those benches' seconds (SSL4MIS_STEPS shortens its runs, SSL4MIS_MORE adds methods for the time left),
 # SSL4MIS_JOBS and LA2D_JOBS their runs at a time, LA2D_ARGS adds bench options (e.g. --ablation weight),
 # LA2D_FROM / SSL4MIS_FROM (folders in the tree) hold the runs of a bench cut short to go on with.
+# MPS=1 (default) starts CUDA's multi-process service first: runs sharing the GPU then run their small kernels side
+# by side instead of in turns (session 21, six SSL4MIS-U-Net training steps at once: 330 steps/s together with it,
+# 143 without; benchmarks/device/mps_probe.py); MPS=0 leaves it off.
 set -u
 PARTS=,${PARTS:-smoke,ssl4mis},
 part() { [[ $PARTS == *,$1,* ]]; }
@@ -26,6 +29,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)"
 python3 benchmarks/device/la_transfer.py unpack .dev/la /tmp/LA || exit 1
+if [ "${MPS:-1}" = 1 ]; then nvidia-cuda-mps-control -d && echo "MPS started" || echo "MPS not started"; fi
 
 if part smoke; then
 stamp smoke
@@ -101,3 +105,4 @@ stamp pack
 cd $T && tar czf $OUT/results.tar.gz --exclude='checkpoints' --exclude='tb' --exclude='*.pt' ssl4mis la2d smoke la3d \
   2>/dev/null
 ls -la $OUT; stamp done
+if [ "${MPS:-1}" = 1 ]; then echo quit | timeout 10 nvidia-cuda-mps-control; fi
