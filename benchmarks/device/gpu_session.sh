@@ -29,7 +29,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)"
 python3 benchmarks/device/la_transfer.py unpack .dev/la /tmp/LA || exit 1
-if [ "${MPS:-1}" = 1 ]; then nvidia-cuda-mps-control -d && echo "MPS started" || echo "MPS not started"; fi
+if [ "${MPS:-1}" = 1 ]; then  # stopped on any exit (a TERM from a timeout included), so no call leaves it running
+  if nvidia-cuda-mps-control -d; then
+    echo "MPS started"; trap 'echo quit | timeout 10 nvidia-cuda-mps-control || true' EXIT; trap 'exit 143' TERM
+  else echo "MPS not started"; fi
+fi
 
 if part smoke; then
 stamp smoke
@@ -105,4 +109,3 @@ stamp pack
 cd $T && tar czf $OUT/results.tar.gz --exclude='checkpoints' --exclude='tb' --exclude='*.pt' ssl4mis la2d smoke la3d \
   2>/dev/null
 ls -la $OUT; stamp done
-if [ "${MPS:-1}" = 1 ]; then echo quit | timeout 10 nvidia-cuda-mps-control; fi
