@@ -3,7 +3,8 @@ sharing one GPU, on synthetic tensors already on the device (no data pipeline).
 
 Why: on one GPU, processes' kernels take turns unless CUDA's multi-process service (MPS) runs; this says how much
 running several benchmark runs at once gains, with and without it. Session 21, one H200: 77 steps/s alone, 143
-together in 6 processes, 330 together in 6 processes under MPS.
+together in 6 processes, 330 together in 6 processes under MPS (measured with a hand-written foreground batch
+Dice in place of the protocol's loss used here; docs/evidence/la2d-ssl4mis-h200-partial/probe.txt).
 
     PYTHONPATH=src python benchmarks/device/mps_probe.py 6 500              # 6 processes, 500 timed steps each
     nvidia-cuda-mps-control -d; PYTHONPATH=src python benchmarks/device/mps_probe.py 6 500   # the same under MPS
@@ -13,8 +14,8 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
+from superdiffusion.methods.base import DICE_FORMS, dice_loss
 from superdiffusion.nets.unet import build_unet
 
 SSL4MIS_MODEL = {"arch": "ssl4mis", "channels": [16, 32, 64, 128, 256], "norm": "batch",
@@ -29,6 +30,7 @@ def worker(steps: int, queue) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(24, 1, 96, 96, device=device)
     y = (torch.rand(24, 96, 96, device=device) > 0.8).long()
+    criterion = dice_loss(ce=True, **DICE_FORMS["batch-squared"])  # la2d-ssl4mis's supervised term
     for i in range(steps + 20):
         if i == 20:
             if device.type == "cuda":
@@ -36,9 +38,7 @@ def worker(steps: int, queue) -> None:
             t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = net(x)
-        p = out.softmax(1)[:, 1]
-        dice = 1 - 2 * (p * y).sum() / (p.pow(2).sum() + y.sum() + 1e-5)
-        loss = 0.5 * (F.cross_entropy(out, y) + dice)
+        loss = 0.5 * criterion(out, y)
         if not torch.isfinite(loss):  # a second sync, as the trainer's check
             raise FloatingPointError(f"step {i}: loss {loss.item()}")
         loss.backward()
