@@ -15,22 +15,21 @@ import time
 
 import torch
 
-from superdiffusion.methods.base import DICE_FORMS, dice_loss
+from superdiffusion.bench.protocols import load_protocol
+from superdiffusion.methods.base import supervised_loss
 from superdiffusion.nets.unet import build_unet
-
-SSL4MIS_MODEL = {"arch": "ssl4mis", "channels": [16, 32, 64, 128, 256], "norm": "batch",
-                 "dropout": [0.05, 0.1, 0.2, 0.3, 0.5]}
 
 
 def worker(steps: int, queue) -> None:
     """Time `steps` training steps after 20 warm-up ones, syncing twice a step as the trainer does."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(2)
-    net = build_unet(SSL4MIS_MODEL, dims=2, in_channels=1, out_channels=2).to(device)
+    cfg = load_protocol("la2d-ssl4mis").base  # the protocol's own network and supervised term
+    net = build_unet(cfg["model"], dims=2, in_channels=1, out_channels=2).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(24, 1, 96, 96, device=device)
     y = (torch.rand(24, 96, 96, device=device) > 0.8).long()
-    criterion = dice_loss(ce=True, **DICE_FORMS["batch-squared"])  # la2d-ssl4mis's supervised term
+    criterion = supervised_loss(cfg)
     for i in range(steps + 20):
         if i == 20:
             if device.type == "cuda":
