@@ -147,6 +147,20 @@ def test_cps_pseudo_supervises_the_unlabelled_images_only(monkeypatch):
     assert sizes == [5, 5]
 
 
+def test_cps_networks_start_different_with_pytorchs_default_initialisation():
+    """SSL4MIS's 2D CPS script creates both networks with `create_model()` alone (its Kaiming / Xavier helpers
+    unused since commit 9a74d15): PyTorch's default, |w| <= 1 / sqrt(fan_in), two different draws."""
+    m = build(CPS, 2)
+    convs = [(a, b) for a, b in zip(m.net1.modules(), m.net2.modules(), strict=True)
+             if isinstance(a, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert convs
+    for a, b in convs:
+        fan_in = torch.nn.init._calculate_fan_in_and_fan_out(a.weight)[0]
+        for w in (a.weight, b.weight):
+            assert w.abs().max() <= 1 / math.sqrt(fan_in) + 1e-7
+        assert not torch.equal(a.weight, b.weight)
+
+
 def test_cps_paper_weighs_every_image_1_5_from_the_first_step():
     """TorchSemiSeg's CPS: cps_weight 1.5 (VOC), unramped, cross terms on labelled and unlabelled predictions;
     SSL4MIS's port ramps 0.1 over the run."""

@@ -124,9 +124,11 @@ class UAMT(MeanTeacher):
 
 
 class CPS(Method):
-    """Cross pseudo supervision (Chen et al., CVPR 2021), as SSL4MIS's 2D and 3D code used for LA comparisons.
+    """Cross pseudo supervision (Chen et al., CVPR 2021), as SSL4MIS's 2D code (train_cross_pseudo_supervision_2D).
 
-    Two U-Nets, Kaiming- and Xavier-normal initialised, one optimiser each; each gets 0.5 (Dice + CE) on
+    Two U-Nets with PyTorch's default initialisation, drawn one after the other so that they differ (their 2D
+    script since its commit 9a74d15; their 3D script initialises one Kaiming-, one Xavier-normal), one
+    optimiser each; each gets 0.5 (Dice + CE) on
     labels plus w(t) * CE against the other's argmax on the unlabelled images of the step (SSL4MIS's
     `outputs[labeled_bs:]`; the paper's natural-image code also uses the labelled ones: `pseudo_on_labelled`);
     w(t) = cps_weight * exp(-5 (1 - t)^2) over the run (SSL4MIS: 0.1), or cps_weight throughout when not `ramped`
@@ -144,10 +146,6 @@ class CPS(Method):
     def __init__(self, cfg: dict, **kw):
         super().__init__(cfg, **kw)
         self.net1, self.net2 = self.segmentation_net(), self.segmentation_net()
-        for net, init in ((self.net1, nn.init.kaiming_normal_), (self.net2, nn.init.xavier_normal_)):
-            for m in net.modules():
-                if isinstance(m, nn.Conv2d | nn.Conv3d):
-                    init(m.weight)
         self.dice_ce = supervised_loss(cfg)
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
