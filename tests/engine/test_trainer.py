@@ -19,9 +19,11 @@ import torch
 import yaml
 
 from superdiffusion.checkpoint import load_checkpoint, previous_path
+from superdiffusion.data.pipeline import build_data
 from superdiffusion.engine.run import train_run
-from superdiffusion.engine.trainer import NonFiniteLossError, build_optimizer, lr_factor
+from superdiffusion.engine.trainer import NonFiniteLossError, Trainer, build_optimizer, lr_factor
 from superdiffusion.errors import InputError
+from superdiffusion.methods import build_method
 from superdiffusion.methods.supervised import Supervised
 
 METRIC_KEYS = {"dice", "jaccard", "hd95", "asd"}
@@ -138,6 +140,7 @@ RESUME_STEPS = 30
 SLOW_TRAIN = """
 import json, sys, time
 from superdiffusion.engine.run import train_run
+from superdiffusion.methods import build_method
 from superdiffusion.methods.supervised import Supervised
 
 real = Supervised.training_step
@@ -309,6 +312,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_cfg
         train_run(tiny_cfg(), run, progress=False)
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_an_earlier_pipeline_stage_draws_its_own_batches(tmp_path, tiny_cfg):
+    """BCP's pre-training and its self-training (SuperDiffusion's pre-training and co-training) each draw their
+    own batches: the same (seed, step) must not replay the earlier stage's in the final one."""
+    cfg = tiny_cfg("method=mean-teacher")
+    data = build_data(cfg)
+    final, again, earlier = (Trainer(build_method(cfg, in_channels=data.in_channels), cfg, data, tmp_path / str(k),
+                                     stage=stage, progress=False) for k, stage in enumerate((0, 0, 1)))
+    for sampler in ("labelled", "unlabelled"):
+        a, b, c = (getattr(t, sampler).batch(0, 4)["image"] for t in (final, again, earlier))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    assert final.stage_key == () and earlier.stage_key == (1,)
 
 
 def test_lr_factor_schedules():

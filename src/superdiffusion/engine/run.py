@@ -152,8 +152,8 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     torch.manual_seed(cfg["seed"])
     method = build_method(cfg, in_channels=data.in_channels)
     stages = method.stages()
-    for stage in stages:  # earlier stages of a pipeline (SuperDiffusion's pre-training)
-        run_stage(stage, cfg, data, run_dir / stage.folder, resume=resume, progress=progress)
+    for index, stage in enumerate(stages, 1):  # earlier stages of a pipeline (SuperDiffusion's pre-training)
+        run_stage(stage, cfg, data, run_dir / stage.folder, index=index, resume=resume, progress=progress)
     method.after_stages()  # before fit(): a resumed run's checkpoint then overrides what this sets
     trainer = Trainer(method, cfg, data, run_dir, progress=progress)
     for stage in stages:
@@ -170,14 +170,16 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     return results
 
 
-def run_stage(stage: Stage, cfg: dict, data: DataBundle, stage_dir: Path, *, resume: bool, progress: bool) -> None:
-    """Train a pipeline stage in its sub-folder; once finished (DONE), later runs just reload it."""
+def run_stage(stage: Stage, cfg: dict, data: DataBundle, stage_dir: Path, *, index: int, resume: bool,
+              progress: bool) -> None:
+    """Train a pipeline stage in its sub-folder (its own random draws: `index`, 1 for the first); once finished
+    (DONE), later runs just reload it."""
     if (stage_dir / DONE).is_file():
         stage.method.load_state_dict(load_checkpoint(stage_dir / "checkpoints" / "last.pt")["model"])
         return
     stage_dir.mkdir(parents=True, exist_ok=True)
     Trainer(stage.method, cfg, data, stage_dir, lr=stage.lr, steps=stage.steps, validate=False,
-            progress=progress).fit(resume=resume)
+            progress=progress, stage=index).fit(resume=resume)
     if distributed.rank_world()[0] == 0:
         (stage_dir / DONE).write_text("ok\n")
     distributed.barrier()

@@ -61,11 +61,15 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
 
 
 class Trainer:
-    """Runs `method` for cfg.train.steps steps in `run_dir` (one stage of a pipeline per folder)."""
+    """Runs `method` for cfg.train.steps steps in `run_dir` (one stage of a pipeline per folder).
+
+    `stage` k > 0 marks an earlier stage of a pipeline (run.run_stage): it draws its own batches, augmentations
+    and random numbers, where the same (seed, step) would otherwise replay them in the final stage (BCP's
+    self-training would repeat its pre-training's labelled batches and boxes step for step)."""
 
     def __init__(self, method: Method, cfg: dict, data: DataBundle, run_dir: str | Path, *,
                  lr: float | None = None, steps: int | None = None, validate: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, stage: int = 0):
         self.method, self.cfg, self.data = method, cfg, data
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -93,18 +97,19 @@ class Trainer:
         common = dict(dims=dims, patch=tc["patch"], slice_axis=cfg["data"]["slice_axis"],
                       augment=tc["augment"], seed=seed)
         if getattr(method, "reads_labels", True):
-            self.labelled = PatchSampler(data.labelled, fg_oversample=tc["fg_oversample"], stream=0,
+            self.labelled = PatchSampler(data.labelled, fg_oversample=tc["fg_oversample"], stream=2 * stage,
                                          photometric=PhotometricView() if tc["photometric"] else None, **common)
         else:  # label-free stage (pre-training): every training image, no label reachable
             self.labelled = PatchSampler([c.without_label() for c in data.labelled] + data.unlabelled,
-                                         stream=0, **common)
+                                         stream=2 * stage, **common)
         self.unlabelled = None
         if method.uses_unlabelled:
             if not data.unlabelled:
                 raise InputError("this method needs unlabelled cases, but the split left none "
                                  "(lower split.labelled)")
-            self.unlabelled = PatchSampler(data.unlabelled, stream=1, **common)
+            self.unlabelled = PatchSampler(data.unlabelled, stream=2 * stage + 1, **common)
         self.seed = seed
+        self.stage_key = (stage,) if stage else ()  # the final stage keeps the draws it always had
         self.generator = torch.Generator()  # re-seeded from (seed, step, rank) before every step
         self.step, self.best = 0, -1.0
         self.rank, self.world = distributed.rank_world()
@@ -174,7 +179,7 @@ class Trainer:
                     batch["unlabelled"] = self.unlabelled.batch(
                         self.step, tc["unlabelled_batch_size"], rank=self.rank)["image"]
                 batch = {k: self.to_device(v) for k, v in batch.items()}
-                self.generator.manual_seed(hash_seed(self.seed, self.step, self.rank))
+                self.generator.manual_seed(hash_seed(self.seed, self.step, self.rank, *self.stage_key))
                 for o in self.optimizers.values():
                     o.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(tc["amp"])):
