@@ -11,6 +11,7 @@ and against SuperDiffusion, and the wall time per run, from every row of the fil
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from superdiffusion.bench.report import read_results, tables_from_rows
 
@@ -20,7 +21,7 @@ def main() -> None:
     parser.add_argument("results", help="a bench results.csv")
     parser.add_argument("--title", default="Tables from results.csv")
     args = parser.parse_args()
-    print(tables_from_rows(read_results(args.results), args.title), end="")
+    print(tables_from_rows(read_results(args.results), args.title, Path(args.results).name), end="")
 
 
 if __name__ == "__main__":

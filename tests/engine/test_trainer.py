@@ -21,7 +21,7 @@ import yaml
 from superdiffusion.checkpoint import load_checkpoint, previous_path
 from superdiffusion.data.pipeline import build_data
 from superdiffusion.engine.run import train_run
-from superdiffusion.engine.trainer import NonFiniteLossError, Trainer, build_optimizer, lr_factor
+from superdiffusion.engine.trainer import NonFiniteLossError, Trainer, build_optimizer, hash_seed, lr_factor
 from superdiffusion.errors import InputError
 from superdiffusion.methods import build_method
 from superdiffusion.methods.supervised import Supervised
@@ -140,7 +140,6 @@ RESUME_STEPS = 30
 SLOW_TRAIN = """
 import json, sys, time
 from superdiffusion.engine.run import train_run
-from superdiffusion.methods import build_method
 from superdiffusion.methods.supervised import Supervised
 
 real = Supervised.training_step
@@ -324,7 +323,13 @@ def test_an_earlier_pipeline_stage_draws_its_own_batches(tmp_path, tiny_cfg):
     for sampler in ("labelled", "unlabelled"):
         a, b, c = (getattr(t, sampler).batch(0, 4)["image"] for t in (final, again, earlier))
         assert torch.equal(a, b) and not torch.equal(a, c)
-    assert final.stage_key == () and earlier.stage_key == (1,)
+    seeds = [hash_seed(t.seed, 0, 0, *t.stage_key) for t in (final, again, earlier)]
+    assert seeds[0] == seeds[1] == hash_seed(cfg["seed"], 0, 0) != seeds[2]  # the final stage's old draws kept
+    pretrain = tiny_cfg("method=pretrain")  # label-free stage: every training image, no label
+    data = build_data(pretrain)
+    a, c = (Trainer(build_method(pretrain, in_channels=data.in_channels), pretrain, data, tmp_path / f"p{k}",
+                    stage=k, progress=False).labelled.batch(0, 4)["image"] for k in (0, 1))
+    assert not torch.equal(a, c)
 
 
 def test_lr_factor_schedules():

@@ -303,13 +303,13 @@ def summary(bench, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tables_from_rows(rows: list[dict], title: str) -> str:
+def tables_from_rows(rows: list[dict], title: str, source: str = "results.csv") -> str:
     """summary.md's tables from results.csv rows alone (read_results): for an evidence file that gathers the rows
     of several benches, whose run folders are gone; wall time per run from the `wall_s` column."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fractions = sorted({r["fraction"] for r in rows})
     picked, key = table_rows(rows, methods)
-    lines = [f"# {title}", "", "Recomputed from every row of results.csv; per seed the mean over its evaluation "
+    lines = [f"# {title}", "", f"Recomputed from every row of {source}; per seed the mean over its evaluation "
              "cases, then mean ± sample std over seeds.", "", "## Main results", "",
              *metric_table(seed_stats(picked, key), methods, fractions)]
     for reference in (BASELINE, REFERENCE):

@@ -110,7 +110,7 @@ class Trainer:
             self.unlabelled = PatchSampler(data.unlabelled, stream=2 * stage + 1, **common)
         self.seed = seed
         self.stage_key = (stage,) if stage else ()  # the final stage keeps the draws it always had
-        self.generator = torch.Generator()  # re-seeded from (seed, step, rank) before every step
+        self.generator = torch.Generator()  # re-seeded from (seed, step, rank, stage) before every step
         self.step, self.best = 0, -1.0
         self.rank, self.world = distributed.rank_world()
         method.early_backward = self.world == 1
