@@ -127,12 +127,11 @@ class CPS(Method):
     """Cross pseudo supervision (Chen et al., CVPR 2021), as SSL4MIS's 2D code (train_cross_pseudo_supervision_2D).
 
     Two U-Nets with PyTorch's default initialisation, drawn one after the other so that they differ (their 2D
-    script since its commit 9a74d15; their 3D script initialises one Kaiming-, one Xavier-normal), one
-    optimiser each; each gets 0.5 (Dice + CE) on
-    labels plus w(t) * CE against the other's argmax on the unlabelled images of the step (SSL4MIS's
-    `outputs[labeled_bs:]`; the paper's natural-image code also uses the labelled ones: `pseudo_on_labelled`);
-    w(t) = cps_weight * exp(-5 (1 - t)^2) over the run (SSL4MIS: 0.1), or cps_weight throughout when not `ramped`
-    (the paper's code: 1.5 on PASCAL VOC, `CPSPaper`).
+    script since its commit 9a74d15; their 3D script initialises one Kaiming-, one Xavier-normal), one optimiser
+    each; each gets 0.5 (Dice + CE) on labels plus w(t) * CE against the other's argmax on the unlabelled images
+    of the step (SSL4MIS's `outputs[labeled_bs:]`; the paper's natural-image code also uses the labelled ones:
+    `pseudo_on_labelled`); w(t) = cps_weight * exp(-5 (1 - t)^2) over the run (SSL4MIS: 0.1), or cps_weight
+    throughout when not `ramped` (the paper's code: 1.5 on PASCAL VOC, `CPSPaper`).
     Predictors: net1 (the paper infers with one branch), net2, and the ensemble of their probabilities.
     """
 
