@@ -155,6 +155,12 @@ DEFAULTS: dict[str, Any] = {
         "pretrained": True,  # start co-training from the stage-1 teacher (False = random teacher)
         "init": None,  # path of a stage-1 checkpoint to start co-training from (method = cotrain)
     },
+    "bcp": {
+        # reduce each pseudo-label image's foreground classes to their largest connected component (their LargestCC):
+        # right where an object is one component per image (their 3D LA volumes, their ACDC slices); false where it
+        # is not (LA's axial slices: a quarter of them show the atrium in several pieces, its veins)
+        "largest_component": True,
+    },
 }
 
 

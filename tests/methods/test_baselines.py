@@ -318,6 +318,18 @@ def test_bcp_pseudo_labels_keep_each_class_largest_component_and_a_fixed_ema():
     assert torch.allclose(m.teacher.first.conv.weight, before + 0.01)
 
 
+def test_bcp_largest_component_is_a_setting():
+    """bcp.largest_component: false keeps every piece of the teacher's argmax (LA's slices cut the atrium's veins
+    into separate pieces); true, their LargestCC, keeps the largest."""
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :3, :3] = labels[0, 6:, 6:] = 1
+    m = build(BCP, 2)
+    m.teacher = _Fixed(_sure(labels))
+    assert m.pseudo_label(torch.zeros(1, 1, 8, 8))[0, 6:, 6:].eq(0).all()
+    m.cfg["bcp"]["largest_component"] = False
+    assert torch.equal(m.pseudo_label(torch.zeros(1, 1, 8, 8)), labels)
+
+
 class _Fixed(torch.nn.Module):
     """A stand-in network that returns the given logits, one tensor per call in turn."""
 

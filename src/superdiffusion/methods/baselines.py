@@ -318,12 +318,18 @@ class BCP(MeanTeacher):
     def after_stages(self) -> None:
         self.teacher.load_state_dict(self.student.state_dict())
 
+    @torch.no_grad()
+    def pseudo_label(self, u: Tensor) -> Tensor:
+        """The EMA teacher's argmax, each class cut to its largest component where `bcp.largest_component`."""
+        labels = forward_batch_stats(self.teacher, u).argmax(1)
+        return largest_components(labels) if self.cfg["bcp"]["largest_component"] else labels
+
     def training_step(self, batch: Batch, *, step: int, total_steps: int,
                       generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         n = min(len(batch["image"]), len(batch["unlabelled"])) // 2
         (x_a, x_b), (y_a, y_b) = halves(batch["image"], n), halves(batch["label"], n)
         u_a, u_b = halves(batch["unlabelled"], n)
-        p_a, p_b = (largest_components(forward_batch_stats(self.teacher, u).argmax(1)) for u in (u_a, u_b))
+        p_a, p_b = (self.pseudo_label(u) for u in (u_a, u_b))
         mask = box_mask(tuple(x_a.shape[2:]), self.box_ratio, generator).to(x_a)
         m = mask.expand(n, *mask.shape)
         squared = squared_dice(self.cfg)
