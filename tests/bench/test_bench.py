@@ -217,6 +217,17 @@ def test_shipped_protocols_plan(tmp_path):
     assert [len(make_split(ids, labelled=f, val=0)["labelled"]) for f in (0.1, 0.2)] == [8, 16]
 
 
+def test_la2d_gives_bcp_its_constant_rate():
+    """la2d's per-method settings reach each run's config: BCP keeps its code's constant learning rate, every other
+    method poly decay; SuperDiffusion's 8 unlabelled slices."""
+    p = load_protocol("la2d")
+    cfg = {m: runner.make_config(p, m, 8, 0, sets={}, data={}, steps=None)
+           for m in ("supervised", "mean-teacher", "cps", "bcp", "superdiffusion")}
+    assert {m: c["train"]["lr_schedule"] for m, c in cfg.items()} == {
+        "supervised": "poly", "mean-teacher": "poly", "cps": "poly", "bcp": "constant", "superdiffusion": "poly"}
+    assert cfg["superdiffusion"]["train"]["unlabelled_batch_size"] == 8 and cfg["bcp"]["bcp"]["largest_component"]
+
+
 def test_help_mentions_every_option(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])
