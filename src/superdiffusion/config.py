@@ -160,6 +160,10 @@ DEFAULTS: dict[str, Any] = {
         # right where an object is one component per image (their 3D LA volumes, their ACDC slices); false where it
         # is not (LA's axial slices: a quarter of them show the atrium in several pieces, its veins)
         "largest_component": True,
+        # the stage-1 checkpoint self-training starts from: last (the protocols', since validation never selects) |
+        # best (their code's: the best of 50 validations of stage 1, its optimiser state with it; on la2d the same
+        # score as last, docs/evidence/la2d-bcp-stage1-best/)
+        "pretrain_checkpoint": "last",
     },
 }
 

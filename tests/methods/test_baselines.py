@@ -11,7 +11,8 @@ import torch
 
 from superdiffusion.checkpoint import load_checkpoint
 from superdiffusion.config import load_config
-from superdiffusion.engine.run import train_run
+from superdiffusion.engine.run import check_config, train_run
+from superdiffusion.errors import InputError
 from superdiffusion.methods import METHODS
 from superdiffusion.methods.base import forward_batch_stats, supervised_loss
 from superdiffusion.methods.baselines import (
@@ -282,6 +283,22 @@ def test_bcp_pretrains_on_labelled_copy_paste_then_starts_its_teacher_from_it(tm
     m.after_stages()
     for t, s in zip(m.teacher.state_dict().values(), m.student.state_dict().values()):
         assert torch.equal(t, s)
+
+
+def test_bcp_can_start_from_its_best_pretraining_step_as_their_code(tmp_path):
+    """bcp.pretrain_checkpoint: best validates stage 1 (50 times; here each of its 5 steps) and self-training
+    goes on from its best step's weights and optimiser state, as their code loads `best_model.pth`."""
+    cfg = _tiny_bcp_cfg(cases=12, steps=15, ckpt_every=15)
+    cfg["bcp"]["pretrain_checkpoint"] = "best"
+    train_run(cfg, tmp_path / "bcp", progress=False)
+    stage_log = [json.loads(r) for r in (tmp_path / "bcp" / "pretrain" / "log.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["val_dice_student"] for r in stage_log if "val_dice_student" in r}
+    assert list(scores) == [1, 2, 3, 4, 5]
+    best = max(scores, key=lambda k: (scores[k], -k))  # the first of equal scores: only a gain replaces best.pt
+    adam = load_checkpoint(tmp_path / "bcp" / "checkpoints" / "last.pt")["optimizers"]["student"]
+    assert {int(v["step"]) for v in adam["state"].values()} == {best + 15}
+    with pytest.raises(InputError, match="bcp.pretrain_checkpoint"):
+        check_config({**cfg, "bcp": {**cfg["bcp"], "pretrain_checkpoint": "first"}})
 
 
 @pytest.mark.parametrize(("stage", "at_step"), [(BCPPretrain, 1), (BCP, 3)], ids=["in-pretraining", "in-self-training"])

@@ -50,6 +50,8 @@ def check_config(cfg: dict) -> None:
     if cfg["method"] == "bcp" and min(t["batch_size"], t["unlabelled_batch_size"]) < 2:
         raise InputError(f"train.batch_size / unlabelled_batch_size: {t['batch_size']} / "
                          f"{t['unlabelled_batch_size']}; bcp mixes the halves of each batch, so both must be >= 2")
+    if cfg["bcp"]["pretrain_checkpoint"] not in ("last", "best"):
+        raise InputError(f"bcp.pretrain_checkpoint: {cfg['bcp']['pretrain_checkpoint']!r} must be last or best")
     m = cfg["model"]
     if m["arch"] not in ARCHS:
         raise InputError(f"model.arch: unknown {m['arch']!r} ({', '.join(ARCHS)})")
@@ -158,7 +160,7 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     trainer = Trainer(method, cfg, data, run_dir, progress=progress)
     for stage in stages:
         if stage.carry_optimizer:  # BCP's self-training goes on with its pre-training's momentum
-            trainer.carry_optimizer_state(load_checkpoint(run_dir / stage.folder / "checkpoints" / "last.pt"))
+            trainer.carry_optimizer_state(load_checkpoint(stage_checkpoint(stage, run_dir / stage.folder)))
     summary = trainer.fit(resume=resume)  # a resumed run's own checkpoint overrides the carried state
     results = {"steps": summary["step"], "rank": rank}
     if rank == 0:  # rank 0 alone evaluates and records
@@ -174,15 +176,20 @@ def run_stage(stage: Stage, cfg: dict, data: DataBundle, stage_dir: Path, *, ind
               progress: bool) -> None:
     """Train a pipeline stage in its sub-folder (its own random draws: `index`, 1 for the first); once finished
     (DONE), later runs just reload it."""
-    if (stage_dir / DONE).is_file():
-        stage.method.load_state_dict(load_checkpoint(stage_dir / "checkpoints" / "last.pt")["model"])
-        return
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    Trainer(stage.method, cfg, data, stage_dir, lr=stage.lr, steps=stage.steps, validate=False,
-            progress=progress, stage=index).fit(resume=resume)
-    if distributed.rank_world()[0] == 0:
-        (stage_dir / DONE).write_text("ok\n")
-    distributed.barrier()
+    if not (stage_dir / DONE).is_file():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        Trainer(stage.method, cfg, data, stage_dir, lr=stage.lr, steps=stage.steps, progress=progress,
+                stage=index, validate=stage.val_every > 0, val_every=stage.val_every).fit(resume=resume)
+        if distributed.rank_world()[0] == 0:
+            (stage_dir / DONE).write_text("ok\n")
+        distributed.barrier()
+    stage.method.load_state_dict(load_checkpoint(stage_checkpoint(stage, stage_dir))["model"])
+
+
+def stage_checkpoint(stage: Stage, stage_dir: Path) -> Path:
+    """The checkpoint a finished stage hands on: its last, or its best on validation where it validated."""
+    best = stage_dir / "checkpoints" / "best.pt"
+    return best if stage.checkpoint == "best" and best.exists() else stage_dir / "checkpoints" / "last.pt"
 
 
 def final_evaluation(method, cfg: dict, data: DataBundle, run_dir: Path) -> dict:

@@ -69,13 +69,14 @@ class Trainer:
 
     def __init__(self, method: Method, cfg: dict, data: DataBundle, run_dir: str | Path, *,
                  lr: float | None = None, steps: int | None = None, validate: bool = True,
-                 progress: bool = True, stage: int = 0):
+                 val_every: int | None = None, progress: bool = True, stage: int = 0):
         self.method, self.cfg, self.data = method, cfg, data
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         tc = cfg["train"]
         self.steps = int(tc["steps"] if steps is None else steps)
         self.validate = validate and bool(data.val) and getattr(method, "validates", True)
+        self.val_every = int(tc["val_every"] if val_every is None else val_every)
         self.progress = progress
         self.device = resolve_device(tc["device"])
         if self.device.type == "cuda" and distributed.rank_world()[1] > 1:
@@ -209,7 +210,7 @@ class Trainer:
                 done = self.step == self.steps
                 # validate before saving last.pt, so that it records the best score so far: a run killed
                 # anywhere in between resumes from the previous last.pt and redoes the same validation
-                if self.validate and (done or (tc["val_every"] and self.step % tc["val_every"] == 0)):
+                if self.validate and (done or (self.val_every and self.step % self.val_every == 0)):
                     self.run_validation(writer, log)
                 if done or self.step % tc["ckpt_every"] == 0:
                     self.save("last.pt")

@@ -87,6 +87,8 @@ class Stage:
     steps: int
     lr: float
     carry_optimizer: bool = False  # the final method's optimiser starts from this stage's state (not its lr)
+    checkpoint: str = "last"  # what it hands on: last | best (on validation, every val_every steps; BCP's code)
+    val_every: int = 0  # 0: the stage never validates
 
 
 def dice_loss(*, ce: bool = False, batch: bool = False, squared: bool = False) -> nn.Module:

@@ -254,7 +254,6 @@ class BCPPretrain(Method):
     first step."""
 
     name = "bcp-pretrain"
-    validates = False  # the last step is kept, as the reference's schedule
 
     def __init__(self, cfg: dict, *, student: nn.Module | None = None, **kw):
         super().__init__(cfg, **kw)
@@ -287,8 +286,8 @@ class BCP(MeanTeacher):
     against the same mix of (label, pseudo-label), unlabelled regions weighted u_weight (0.5). As their code,
     each stream is split in halves a and b, each image in one mix: unlabelled a with a labelled a box,
     labelled b with an unlabelled b box (the teacher labels each unlabelled half in its own pass), and stage 2
-    goes on with stage 1's optimiser state (`carry_optimizer`). Stage 1 keeps its last step (theirs its best
-    on validation).
+    goes on with stage 1's optimiser state (`carry_optimizer`). Stage 1 hands on its last step, or, with
+    `bcp.pretrain_checkpoint: best`, theirs: its best of 50 validations, with that step's optimiser state.
     """
 
     name = "bcp"
@@ -312,7 +311,9 @@ class BCP(MeanTeacher):
             return []
         stage1 = BCPPretrain(self.cfg, student=self.student, dims=self.dims, in_channels=self.in_channels,
                              num_classes=self.num_classes)
-        return [Stage("pretrain", stage1, steps=steps, lr=self.cfg["train"]["lr"], carry_optimizer=True)]
+        best = self.cfg["bcp"]["pretrain_checkpoint"] == "best"  # theirs: 50 validations (every 200 of 10000)
+        return [Stage("pretrain", stage1, steps=steps, lr=self.cfg["train"]["lr"], carry_optimizer=True,
+                      checkpoint="best" if best else "last", val_every=max(1, round(steps / 50)) if best else 0)]
 
     @torch.no_grad()
     def after_stages(self) -> None:
