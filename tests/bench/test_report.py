@@ -9,8 +9,9 @@ import pytest
 from superdiffusion.bench.report import evaluation_text
 
 
-def _bench(checkpoint: str, predictor: str, test=None):
-    cfg = {"split": {"val": 16}, "eval": {"checkpoint": checkpoint, "predictor": predictor},
+def _bench(checkpoint: str, predictor: str, test=None, *, method: str = "supervised", stage1: str = "last"):
+    cfg = {"method": method, "bcp": {"pretrain_checkpoint": stage1}, "split": {"val": 16},
+           "eval": {"checkpoint": checkpoint, "predictor": predictor},
            "data": {"root": "LA", "list": None, "format": "la", "dims": 2, "size": [96, 96, None]}}
     return SimpleNamespace(specs=[SimpleNamespace(cfg=cfg)], test=test, runs=lambda: [], methods=[])
 
@@ -28,3 +29,11 @@ def test_evaluation_text_names_only_what_validation_chose(checkpoint, predictor,
     test = SimpleNamespace(root="test", list=None, ids=["a", "b"])
     text = " ".join(evaluation_text(_bench(checkpoint, predictor, test), {}))
     assert "separate test set" in text and (f"to choose {chosen} only" if chosen else "to monitor only") in text
+
+
+def test_evaluation_text_says_when_bcp_chose_its_stage_1_on_validation():
+    """bcp.pretrain_checkpoint: best picks stage 1's step on the validation cases: the report says so."""
+    text = " ".join(evaluation_text(_bench("last", "first", method="bcp", stage1="best"), {}))
+    assert "the same cases chose BCP's stage-1 checkpoint: optimistic" in text
+    text = " ".join(evaluation_text(_bench("last", "first", method="supervised", stage1="best"), {}))
+    assert "nothing was chosen on these cases" in text

@@ -221,7 +221,9 @@ def evaluation_text(bench, results: dict[Path, dict]) -> list[str]:
              + (f"size {data['size']}." if data["size"] else f"scale {data['scale']}.")]
     chosen = " and ".join(what for what, on_val in (
         ("the checkpoint", any(s.cfg["eval"]["checkpoint"] != "last" for s in bench.specs)),
-        ("the predictor", any(s.cfg["eval"]["predictor"] == "auto" for s in bench.specs))) if on_val)
+        ("the predictor", any(s.cfg["eval"]["predictor"] == "auto" for s in bench.specs)),
+        ("BCP's stage-1 checkpoint", any(s.cfg["method"] == "bcp" and s.cfg["bcp"]["pretrain_checkpoint"] == "best"
+                                         for s in bench.specs))) if on_val)
     if bench.test is not None:
         t = bench.test
         lines.append(f"- **Evaluation set: the separate test set** `{t.root}`"
