@@ -311,9 +311,9 @@ class BCP(MeanTeacher):
             return []
         stage1 = BCPPretrain(self.cfg, student=self.student, dims=self.dims, in_channels=self.in_channels,
                              num_classes=self.num_classes)
-        best = self.cfg["bcp"]["pretrain_checkpoint"] == "best"  # theirs: 50 validations (every 200 of 10000)
+        choice = self.cfg["bcp"]["pretrain_checkpoint"]  # best: theirs, 50 validations (every 200 of 10000)
         return [Stage("pretrain", stage1, steps=steps, lr=self.cfg["train"]["lr"], carry_optimizer=True,
-                      checkpoint="best" if best else "last", val_every=max(1, round(steps / 50)) if best else 0)]
+                      checkpoint=choice, val_every=max(1, round(steps / 50)) if choice == "best" else 0)]
 
     @torch.no_grad()
     def after_stages(self) -> None:
