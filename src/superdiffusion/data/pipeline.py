@@ -300,9 +300,10 @@ def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generato
 
 
 def ssl4mis_augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, *, fill: float):
-    """SSL4MIS's RandomGenerator (its 2D scripts, BCP's ACDC code), in the first plane: half the time a random
-    90-degree rotation and a flip on one random axis, else half the time a rotation by a whole number of degrees
-    in [-20, 20) (nearest neighbour, image and label alike, outside filled with `fill`), else nothing."""
+    """SSL4MIS's RandomGenerator (BCP's ACDC code; SSL4MIS before its commit 24db034), in the first plane: half
+    the time a random 90-degree rotation and a flip on one random axis, else half the time a rotation by a whole
+    number of degrees in [-20, 20) (nearest neighbour, image and label alike, outside filled with `fill`), else
+    nothing."""
     if rng.random() > 0.5:
         k = int(rng.integers(4)) if image.shape[1] == image.shape[2] else 0  # a crop keeps its shape
         image = np.rot90(image, k, axes=(1, 2))
