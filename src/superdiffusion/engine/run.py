@@ -154,13 +154,15 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     torch.manual_seed(cfg["seed"])
     method = build_method(cfg, in_channels=data.in_channels)
     stages = method.stages()
+    carried = []  # the checkpoints whose optimiser state the final method goes on with
     for index, stage in enumerate(stages, 1):  # earlier stages of a pipeline (SuperDiffusion's pre-training)
-        run_stage(stage, cfg, data, run_dir / stage.folder, index=index, resume=resume, progress=progress)
+        checkpoint = run_stage(stage, cfg, data, run_dir / stage.folder, index=index, resume=resume, progress=progress)
+        if stage.carry_optimizer:  # BCP's self-training goes on with its pre-training's momentum
+            carried.append(checkpoint)
     method.after_stages()  # before fit(): a resumed run's checkpoint then overrides what this sets
     trainer = Trainer(method, cfg, data, run_dir, progress=progress)
-    for stage in stages:
-        if stage.carry_optimizer:  # BCP's self-training goes on with its pre-training's momentum
-            trainer.carry_optimizer_state(load_checkpoint(stage_checkpoint(stage, run_dir / stage.folder)))
+    for checkpoint in carried:
+        trainer.carry_optimizer_state(checkpoint)
     summary = trainer.fit(resume=resume)  # a resumed run's own checkpoint overrides the carried state
     results = {"steps": summary["step"], "rank": rank}
     if rank == 0:  # rank 0 alone evaluates and records
@@ -173,9 +175,9 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
 
 
 def run_stage(stage: Stage, cfg: dict, data: DataBundle, stage_dir: Path, *, index: int, resume: bool,
-              progress: bool) -> None:
+              progress: bool) -> dict:
     """Train a pipeline stage in its sub-folder (its own random draws: `index`, 1 for the first); once finished
-    (DONE), later runs just reload it."""
+    (DONE), later runs just reload it. Returns the checkpoint it hands on, its weights loaded into the method."""
     if not (stage_dir / DONE).is_file():
         stage_dir.mkdir(parents=True, exist_ok=True)
         Trainer(stage.method, cfg, data, stage_dir, lr=stage.lr, steps=stage.steps, progress=progress,
@@ -183,7 +185,9 @@ def run_stage(stage: Stage, cfg: dict, data: DataBundle, stage_dir: Path, *, ind
         if distributed.rank_world()[0] == 0:
             (stage_dir / DONE).write_text("ok\n")
         distributed.barrier()
-    stage.method.load_state_dict(load_checkpoint(stage_checkpoint(stage, stage_dir))["model"])
+    checkpoint = load_checkpoint(stage_checkpoint(stage, stage_dir))
+    stage.method.load_state_dict(checkpoint["model"])
+    return checkpoint
 
 
 def stage_checkpoint(stage: Stage, stage_dir: Path) -> Path:
