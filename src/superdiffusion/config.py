@@ -101,6 +101,10 @@ DEFAULTS: dict[str, Any] = {
         # auto (the better one on validation) | first (the method's default: student, net1; chosen without validation
         # cases) | a predictor's name (student, teacher, ...)
         "predictor": "auto",
+        # pseudo-label monitor: at each validation, score every pseudo-labeller of the method on this many slices
+        # (2D) or patches (3D) of the unlabelled cases against their withheld labels (engine/monitor.py); they never
+        # reach a loss. 0 = off; needs label files for the unlabelled cases (benchmarks such as LA have them)
+        "monitor_pseudo_labels": 0,
     },
     "diffusion": {
         "timesteps": 1000,

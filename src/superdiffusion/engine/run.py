@@ -55,7 +55,8 @@ def check_config(cfg: dict) -> None:
     m = cfg["model"]
     if m["arch"] not in ARCHS:
         raise InputError(f"model.arch: unknown {m['arch']!r} ({', '.join(ARCHS)})")
-    if m["arch"] == "ssl4mis" and method_class(cfg["method"]).reads_diffusion:
+    cls = method_class(cfg["method"])
+    if m["arch"] == "ssl4mis" and cls.reads_diffusion and getattr(cls, "uses_teacher", True):
         raise InputError(f"model.arch: ssl4mis is a segmentation U-Net without a timestep input; {cfg['method']} "
                          "needs monai or double-conv")
     if m["arch"] == "monai" and m["time_embedding"] != "stem":
@@ -113,7 +114,7 @@ def prepare_run_dir(cfg: dict, run_dir: Path, *, resume: bool) -> None:
 
 
 # Keys that change how a process runs but not one number it computes: a run may resume with them changed.
-NEUTRAL_KEYS = frozenset({"train.hold_memory"})
+NEUTRAL_KEYS = frozenset({"train.hold_memory", "eval.monitor_pseudo_labels"})
 
 
 def config_changes(old: dict, new: dict) -> list[str]:

@@ -28,6 +28,7 @@ from ..methods.base import Method
 from ..nets.unet import NETS
 from ..runlog import log_entries
 from . import distributed
+from .monitor import PseudoLabelMonitor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,6 +110,10 @@ class Trainer:
                 raise InputError("this method needs unlabelled cases, but the split left none "
                                  "(lower split.labelled)")
             self.unlabelled = PatchSampler(data.unlabelled, stream=2 * stage + 1, **common)
+        self.monitor = None  # the final stage's pseudo-labellers against the unlabelled cases' withheld labels
+        if not stage and self.validate and distributed.rank_world()[0] == 0 and method.pseudo_labellers():
+            self.monitor = PseudoLabelMonitor.from_config(cfg, data.split.get("unlabelled", []),
+                                                          threshold=method.pseudo_label_threshold)
         self.seed = seed
         self.stage_key = (stage,) if stage else ()  # the final stage keeps the draws it always had
         self.generator = torch.Generator()  # re-seeded from (seed, step, rank, stage) before every step
@@ -234,6 +239,7 @@ class Trainer:
                                       sw_batch_size=ec["sw_batch_size"], full=False, device=self.device)
             per_case = distributed.gather_dict(per_case)
             scores[name] = float(np.mean([m["dice"] for m in per_case.values()]))
+        pseudo = self.monitor(self.method.pseudo_labellers(), self.device) if self.monitor is not None else {}
         self.method.train()
         dice = max(scores.values())
         improved = dice > self.best
@@ -244,7 +250,9 @@ class Trainer:
             return improved
         for name, v in scores.items():
             writer.add_scalar(f"val/dice_{name}", v, self.step)
-        log.write(json.dumps({"step": self.step, **{f"val_dice_{k}": v for k, v in scores.items()},
+        for key, v in pseudo.items():  # pl_<labeller>_<metric> -> pseudo_labels/<labeller>_<metric>
+            writer.add_scalar(f"pseudo_labels/{key.removeprefix('pl_')}", v, self.step)
+        log.write(json.dumps({"step": self.step, **{f"val_dice_{k}": v for k, v in scores.items()}, **pseudo,
                               "val_s": round(time.perf_counter() - t0, 3)}) + "\n")
         return improved
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from ..errors import InputError
 from .base import Method
 from .baselines import BCP, CPS, UAMT, CPSPaper, MeanTeacher
-from .superdiffusion import CoTrain, Pretrain, SuperDiffusion
+from .superdiffusion import CoTrain, FixMatch, Pretrain, SuperDiffusion
 from .supervised import FullySupervised, Supervised
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FullySupervised, Pretrain, CoTrain,
-                                                        SuperDiffusion, MeanTeacher, UAMT, CPS, CPSPaper, BCP)}
+                                                        SuperDiffusion, FixMatch, MeanTeacher, UAMT, CPS, CPSPaper,
+                                                        BCP)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -76,6 +76,14 @@ class Method(nn.Module):
         """Named functions image batch -> logits; the first is the default."""
         raise NotImplementedError
 
+    def pseudo_labellers(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        """Named functions image batch -> class probabilities: whatever makes this method's pseudo-labels, for the
+        pseudo-label monitor (engine/monitor.py; called in evaluation mode). None by default."""
+        return {}
+
+    # the confidence a pseudo-label pixel needs to teach anything (the monitor's coverage); 0: every pixel teaches
+    pseudo_label_threshold = 0.0
+
 
 @dataclass
 class Stage:
@@ -119,6 +127,11 @@ class _IntegerTargets(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return self.loss(logits, target[:, None])
+
+
+def softmax_of(net: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """image batch -> net's class probabilities (a pseudo-labeller for the monitor)."""
+    return lambda x: torch.softmax(net(x), 1)
 
 
 def linear_ramp(step: int, total_steps: int) -> float:

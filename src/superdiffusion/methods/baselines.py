@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
-from .base import DICE_FORMS, Batch, Method, Stage, ema_update, forward_batch_stats, supervised_loss
+from .base import DICE_FORMS, Batch, Method, Stage, ema_update, forward_batch_stats, softmax_of, supervised_loss
 
 
 def sigmoid_ramp(step: int, total_steps: int) -> float:
@@ -93,6 +93,9 @@ class MeanTeacher(Method):
 
     def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
         return {"student": self.student, "teacher": self.teacher}
+
+    def pseudo_labellers(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        return {"teacher": softmax_of(self.teacher)}
 
 
 class UAMT(MeanTeacher):
@@ -169,6 +172,9 @@ class CPS(Method):
 
     def predictors(self) -> dict[str, Callable[[Tensor], Tensor]]:
         return {"net1": self.net1, "net2": self.net2, "ensemble": self.ensemble}
+
+    def pseudo_labellers(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        return {"net1": softmax_of(self.net1), "net2": softmax_of(self.net2)}  # each labels for the other
 
 
 class CPSPaper(CPS):

@@ -20,7 +20,17 @@ from ..data.perturb import PhotometricView, cutmix, cutmix_boxes
 from ..diffusion import GaussianDiffusion
 from ..errors import InputError
 from ..nets.unet import NETS, build_unet
-from .base import Batch, Method, Stage, dice_loss, ema_update, forward_batch_stats, linear_ramp, supervised_loss
+from .base import (
+    Batch,
+    Method,
+    Stage,
+    dice_loss,
+    ema_update,
+    forward_batch_stats,
+    linear_ramp,
+    softmax_of,
+    supervised_loss,
+)
 
 
 def to_signal(prob: Tensor) -> Tensor:
@@ -257,6 +267,7 @@ class CoTrain(Method):
     name = "cotrain"
     reads_diffusion = True
     uses_unlabelled = True
+    uses_teacher = True  # FixMatch: the same co-training with the teacher left out
     step_cost = 16.0  # R = 3
 
     def __init__(self, cfg: dict, **kw):
@@ -277,7 +288,10 @@ class CoTrain(Method):
         for key, low in (("rounds", 0), ("teacher_every", 1), ("round_images", 1)):
             if not (key == "round_images" and sd[key] is None) and (not isinstance(sd[key], int) or sd[key] < low):
                 raise InputError(f"superdiffusion.{key}: {sd[key]!r} must be an integer >= {low}")
-        self.teacher = build_teacher(self)
+        if sd["student"] == "twin" and not self.uses_teacher:
+            raise InputError(f"superdiffusion.student: twin is the teacher's mask pathway; {self.name} has no teacher "
+                             "(use unet)")
+        self.teacher = build_teacher(self) if self.uses_teacher else None
         self.student = build_teacher(self).mask_net if sd["student"] == "twin" else self.segmentation_net()
         self.sup_loss = supervised_loss(cfg)
         if superdiffusion_fraction(sd, "ema", " (0: no EMA student)") and sd["student"] != "unet":
@@ -292,7 +306,7 @@ class CoTrain(Method):
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if sd["ema"] else None
         # no layer normalises over the batch (instance norm): images may share passes without changing each other
         self.batch_free = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
-        if sd["init"]:
+        if sd["init"] and self.uses_teacher:
             self.load_teacher(sd["init"])
 
     def load_teacher(self, path: str | Path) -> None:
@@ -309,7 +323,8 @@ class CoTrain(Method):
                              f"({str(err).splitlines()[0][:120]})") from err
 
     def optimizer_groups(self):
-        return {"teacher": list(self.teacher.parameters()), "student": list(self.student.parameters())}
+        return {**({"teacher": list(self.teacher.parameters())} if self.teacher is not None else {}),
+                "student": list(self.student.parameters())}
 
     def student_logits(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if isinstance(self.student, NETS) and self.student.time_mlp is None:
@@ -390,7 +405,7 @@ class CoTrain(Method):
         is the same, but the step's memory is that of its largest part, not the sum of all.
         """
         sd = self.cfg["superdiffusion"]
-        teach = step % sd["teacher_every"] == 0
+        teach = self.teacher is not None and step % sd["teacher_every"] == 0
         n = sd["round_images"]  # the rounds' share of each batch (None: all of it)
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
         view = self.unlabelled_view is not None or self.cutmix > 0
@@ -405,16 +420,22 @@ class CoTrain(Method):
 
         # labeller_mode eval: the pseudo-labellers' own pass in evaluation mode (no dropout), FixMatch's clean targets
         clean = sd["labeller_mode"] == "eval"
-        labellers = (self.teacher, self.ema if self.ema is not None else self.student)  # whose outputs become labels
+        own = self.ema if self.ema is not None else self.student
+        labellers = (own,) if self.teacher is None else (self.teacher, own)  # whose outputs become labels
+        # the teacher's own labels, where anything reads them: the student's target (without an EMA, or unless it is
+        # the EMA's alone) or the unlabelled images' rounds; `ema` without rounds reads none, so no pass is made
+        teacher_labels = self.teacher is not None and (self.ema is None or sd["student_target"] != "ema"
+                                                       or bool(sd["rounds"] and teach))
         with torch.no_grad(), evaluating(*labellers) if clean else nullcontext():  # they learn nothing here
-            u_t = self.teacher_logits(x_u, generator) if view or clean or not teach else t_v
-            prob_t = torch.softmax(u_t.detach(), 1)
+            u_t = (self.teacher_logits(x_u, generator) if view or clean or not teach else t_v) if teacher_labels \
+                else None
             if self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
                 prob_s = torch.softmax(forward_batch_stats(self.ema, x_u), 1)
-                if sd["student_target"] != "fill":  # fill keeps the teacher's own (below)
-                    prob_t = (prob_t + prob_s) / 2 if sd["student_target"] == "consensus" else prob_s
             else:
                 prob_s = torch.softmax((self.student_logits(x_u, generator) if view or clean else s_v).detach(), 1)
+            prob_t = torch.softmax(u_t.detach(), 1) if u_t is not None else prob_s  # no teacher: its own (FixMatch)
+            if self.ema is not None and u_t is not None and sd["student_target"] != "fill":  # fill: the teacher's own
+                prob_t = (prob_t + prob_s) / 2 if sd["student_target"] == "consensus" else prob_s
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
         if sd["student_target"] == "fill":  # the EMA's label where it is sure, else the teacher's where it is
             pseudo_t = pseudo_s.where(pseudo_s != IGNORE, pseudo_t)
@@ -455,8 +476,25 @@ class CoTrain(Method):
     def predictors(self):
         student: Callable[[Tensor], Tensor] = self.student if isinstance(self.student, NETS) and \
             self.student.time_mlp is None else self._twin_fixed
-        return {"student": student, "teacher": self.teacher.predictor(),
+        return {"student": student, **({"teacher": self.teacher.predictor()} if self.teacher is not None else {}),
                 **({"ema": self.ema} if self.ema is not None else {})}
+
+    @property
+    def pseudo_label_threshold(self) -> float:
+        return float(self.cfg["superdiffusion"]["confidence"])
+
+    def pseudo_labellers(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        """The labellers of the training step, as it runs them: the EMA student (or the student itself), the teacher's
+        mask pathway from the noised null mask at a random t (seeded here: the same draws at every validation), and
+        with `consensus` the mean of both, the student's target."""
+        g = torch.Generator().manual_seed(0)
+        out = {"ema": softmax_of(self.ema)} if self.ema is not None else \
+            {"student": lambda x: torch.softmax(self.student_logits(x, g), 1)}
+        if self.teacher is not None:
+            out["teacher"] = lambda x: torch.softmax(self.teacher_logits(x, g), 1)
+            if self.ema is not None and self.cfg["superdiffusion"]["student_target"] == "consensus":
+                out["consensus"] = lambda x: (out["ema"](x) + out["teacher"](x)) / 2
+        return out
 
     def _twin_fixed(self, x: Tensor) -> Tensor:
         c = self.cfg["diffusion"]
@@ -484,3 +522,19 @@ class SuperDiffusion(CoTrain):
         stage1 = Pretrain(self.cfg, teacher=self.teacher, dims=self.dims, in_channels=self.in_channels,
                           num_classes=self.num_classes)
         return [Stage("pretrain", stage1, steps=sd["pretrain_steps"], lr=sd["pretrain_lr"])]
+
+
+class FixMatch(CoTrain):
+    """The teacher-less control: SuperDiffusion's co-training with the diffusion teacher left out, one code path.
+
+    Why: with `student_target: ema` (la2d's) no output or parameter of the teacher reaches the student, whose
+    loss is the supervised term plus w(step) times the masked cross-entropy on its EMA's confident argmax of the
+    clean image, learned on a photometric strong view (FixMatch's weak-to-strong recipe with a Mean Teacher
+    labeller). This method trains exactly that student, reading the same `superdiffusion.*` keys (confidence,
+    ema, unlabelled_view, cps_loss, labeller_mode, unlabelled_weight, cutmix), so the two cannot drift apart;
+    without an EMA the student labels for itself (in evaluation mode with `labeller_mode: eval`: FixMatch).
+    """
+
+    name = "fixmatch"
+    uses_teacher = False
+    step_cost = 2.0
