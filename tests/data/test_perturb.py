@@ -60,3 +60,27 @@ def test_cutmix_mixes_images_and_label_maps_by_the_same_boxes():
     torch.testing.assert_close(mixed_x[:, 0].long(), mixed_y)
     for i in range(4):
         assert bool((mixed_y[i][boxes[i]] == (i - 1) % 4).all() and (mixed_y[i][~boxes[i]] == i).all())
+
+
+def test_rgb_hsv_round_trip():
+    from superdiffusion.data.perturb import hsv_to_rgb, rgb_to_hsv
+
+    x = torch.rand(4, 3, 8, 8)
+    torch.testing.assert_close(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(rgb_to_hsv(red).flatten(), torch.tensor([0.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_colour_jitter_view_is_seeded_and_stays_in_range(channels):
+    from superdiffusion.data.perturb import ColourJitterView
+
+    x = torch.rand(6, channels, 16, 16) * 2 - 1
+    view = ColourJitterView(prob=1.0, blur=0.0)
+    a, b = view(x, torch.Generator().manual_seed(1)), view(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert a.min() >= x.min() - 1e-6 and a.max() <= x.max() + 1e-6  # clamped to each image's own range
+    assert bool(((a - x).flatten(1).abs().mean(1) > 1e-3).all())  # every image jittered
+    grey = x[:, :1].expand(-1, 3, -1, -1).contiguous()  # on a grey RGB image saturation and hue change nothing
+    saturation_hue = ColourJitterView(prob=1.0, brightness=0.0, contrast=0.0, blur=0.0)
+    torch.testing.assert_close(saturation_hue(grey, torch.Generator().manual_seed(0)), grey, atol=1e-5, rtol=0)

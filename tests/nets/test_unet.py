@@ -119,3 +119,15 @@ def test_ssl4mis_arch_is_their_unet_layer_for_layer():
     with pytest.raises(ValueError, match="timestep"):
         build_unet({**DEFAULTS["model"], "arch": "ssl4mis"}, dims=2, in_channels=3, out_channels=2,
                    time_embedding="stem")
+
+
+@pytest.mark.parametrize("arch,dims", [("monai", 2), ("monai", 3), ("ssl4mis", 2)])
+def test_encode_then_decode_is_forward(arch, dims):
+    """UniMatch decodes perturbed encoder features: encode/decode must split the net exactly."""
+    torch.manual_seed(0)
+    net = build_unet({"arch": arch, "channels": [4, 8, 16], "norm": "instance", "dropout": 0.0,
+                      "time_embedding": "stem"}, dims=dims, in_channels=1, out_channels=2).eval()
+    x = torch.randn(2, 1, *[16] * dims)
+    features = net.encode(x)
+    assert [f.shape[1] for f in features] == [4, 8, 16]
+    assert torch.equal(net.decode(features), net(x))

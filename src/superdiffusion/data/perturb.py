@@ -85,3 +85,88 @@ def cutmix(x: Tensor, boxes: Tensor) -> Tensor:
     pseudo-label map mixed by the same boxes stays the right target for mixed images (UniMatch, CutMix)."""
     inside = boxes.unsqueeze(1) if x.ndim == boxes.ndim + 1 else boxes
     return torch.where(inside, x.roll(1, 0), x)
+
+
+def rgb_to_hsv(rgb: Tensor) -> Tensor:
+    """(N, 3, *spatial) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of the circle)."""
+    r, g, b = rgb.unbind(1)
+    high, low = rgb.amax(1), rgb.amin(1)
+    delta = high - low
+    safe = delta.clamp_min(1e-12)
+    hue = torch.where(high == r, ((g - b) / safe) % 6, torch.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    sat = torch.where(high > 0, delta / high.clamp_min(1e-12), torch.zeros_like(high))
+    return torch.stack([hue, sat, high], 1)
+
+
+def hsv_to_rgb(hsv: Tensor) -> Tensor:
+    """The inverse of rgb_to_hsv."""
+    hue, sat, val = hsv.unbind(1)
+    sector = torch.floor(hue * 6)
+    frac = hue * 6 - sector
+    p, q, t = val * (1 - sat), val * (1 - sat * frac), val * (1 - sat * (1 - frac))
+    sector = sector.long() % 6
+    channels = []
+    for order in ((val, q, p, p, t, val), (t, val, val, q, p, p), (p, p, t, val, val, q)):  # r, g, b per sector
+        out = torch.zeros_like(val)
+        for k, value in enumerate(order):
+            out = torch.where(sector == k, value, out)
+        channels.append(out)
+    return torch.stack(channels, 1)
+
+
+class ColourJitterView:
+    """UniMatch's strong view of its medical (ACDC) code: with probability `prob` torchvision's
+    ColorJitter(brightness, contrast, saturation, hue) (each factor drawn per image, the four applied in a random
+    order per image, as ColorJitter does), then with probability `blur` a Gaussian blur of sigma uniform in `sigma`
+    (theirs PIL's GaussianBlur of that radius).
+
+    Images are mapped from their own range (per image, min to max: [-1, 1] after the percentile scaling) to [0, 1],
+    jittered with ColorJitter's clamping, and mapped back. Saturation and hue change only 3-channel (RGB) images, as
+    on theirs, which are grey. Every draw comes from the caller's generator.
+    """
+
+    def __init__(self, *, prob: float = 0.8, brightness: float = 0.5, contrast: float = 0.5, saturation: float = 0.5,
+                 hue: float = 0.25, blur: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.prob, self.blur, self.sigma = prob, blur, sigma
+        self.ranges = (brightness, contrast, saturation, hue)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        n, c, spatial = len(x), x.shape[1], x.ndim - 2
+        shape = (n, *[1] * (x.ndim - 1))
+        low = x.flatten(1).amin(1).view(shape)
+        span = (x.flatten(1).amax(1).view(shape) - low).clamp_min(1e-7)
+        u = (x - low) / span
+        jitter = torch.rand(n, generator=generator) < self.prob
+        factors = [1 + (2 * torch.rand(n, generator=generator) - 1) * r for r in self.ranges[:3]]
+        factors.append((2 * torch.rand(n, generator=generator) - 1) * self.ranges[3])
+        order = torch.rand(n, 4, generator=generator).argsort(1)  # a random order of the four per image
+        blur = torch.rand(n, generator=generator) < self.blur
+        sigmas = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * torch.rand(n, generator=generator)
+
+        def grey(v: Tensor) -> Tensor:
+            if c != 3:
+                return v
+            return (0.299 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2]).unsqueeze(1)
+
+        def apply(op: int, v: Tensor, f: Tensor) -> Tensor:
+            f = f.to(v).view(len(v), *[1] * (v.ndim - 1))
+            if op == 0:  # brightness
+                return (v * f).clamp(0, 1)
+            if op == 1:  # contrast: towards the mean grey level
+                return (f * v + (1 - f) * grey(v).mean(dim=tuple(range(1, v.ndim)), keepdim=True)).clamp(0, 1)
+            if c != 3:
+                return v
+            if op == 2:  # saturation: towards the grey image
+                return (f * v + (1 - f) * grey(v)).clamp(0, 1)
+            hsv = rgb_to_hsv(v)
+            return hsv_to_rgb(torch.cat([(hsv[:, :1] + f) % 1.0, hsv[:, 1:]], 1))
+
+        for position in range(4):
+            for op in range(4):
+                chosen = (jitter & (order[:, position] == op)).nonzero().flatten().to(x.device)
+                if len(chosen):
+                    u[chosen] = apply(op, u[chosen], factors[op][chosen.cpu()])
+        for i in blur.nonzero().flatten().tolist():
+            u[i] = GaussianFilter(spatial, float(sigmas[i]))(u[i:i + 1])[0]
+        return torch.empty_like(x).copy_(u * span + low)

@@ -7,10 +7,11 @@ from .base import Method
 from .baselines import BCP, CPS, UAMT, CPSPaper, MeanTeacher
 from .superdiffusion import CoTrain, FixMatch, Pretrain, SuperDiffusion
 from .supervised import FullySupervised, Supervised
+from .unimatch import UniMatch
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FullySupervised, Pretrain, CoTrain,
                                                         SuperDiffusion, FixMatch, MeanTeacher, UAMT, CPS, CPSPaper,
-                                                        BCP)}
+                                                        BCP, UniMatch)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -172,6 +172,30 @@ class MonaiUNet(nn.Module):
             h = h + temb.reshape([temb.shape[0], temb.shape[1]] + [1] * (h.dim() - 2))
         return self.last(self.inner(h))
 
+    @torch.jit.unused
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """The encoder's features, shallowest first, the bottom last (a segmentation net: no time input); decode
+        gives back forward(x). Why: UniMatch perturbs them (dropout) and decodes them a second time."""
+        if self.time_mlp is not None:
+            raise ValueError("encode: a time-conditioned U-Net needs its timesteps (use forward)")
+        features, node = [self.first(x)], self.inner
+        while not isinstance(node.submodule, Convolution):  # MONAI's level: (down, SkipConnection(deeper), up)
+            features.append(node.submodule[0](features[-1]))
+            node = node.submodule[1]
+        return [*features, node.submodule(features[-1])]
+
+    @torch.jit.unused
+    def decode(self, features: list[Tensor]) -> Tensor:
+        """Logits from encode's features: each level's up-convolution on [its feature, the deeper output]."""
+        ups, node = [self.last], self.inner
+        while not isinstance(node.submodule, Convolution):
+            ups.append(node.submodule[2])
+            node = node.submodule[1]
+        out = features[-1]
+        for feature, up in zip(reversed(features[:-1]), reversed(ups), strict=True):
+            out = up(torch.cat([feature, out], dim=1))
+        return out
+
 
 class _SSL4MISConvBlock(nn.Sequential):
     """SSL4MIS's ConvBlock: conv-norm-LeakyReLU, dropout, conv-norm-LeakyReLU."""
@@ -230,6 +254,23 @@ class SSL4MISUNet(nn.Module):
         x = skips.pop()
         for level in self.decoder:
             x = level(x, skips.pop())
+        return self.head(x)
+
+    @torch.jit.unused
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """The encoder's features, shallowest first (UniMatch's `encoder`)."""
+        features = []
+        for level in self.encoder:
+            x = level(x)
+            features.append(x)
+        return features
+
+    @torch.jit.unused
+    def decode(self, features: list[Tensor]) -> Tensor:
+        """Logits from encode's features (UniMatch's `decoder`)."""
+        x = features[-1]
+        for level, skip in zip(self.decoder, reversed(features[:-1]), strict=True):
+            x = level(x, skip)
         return self.head(x)
 
 
