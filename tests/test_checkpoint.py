@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -112,19 +113,44 @@ def test_failed_write_leaves_the_old_file_untouched(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file, no prev shuffle
 
 
-def test_truncated_checkpoint_falls_back_to_prev_with_warning(tmp_path):
+def test_truncated_checkpoint_falls_back_to_prev_with_one_clean_line(tmp_path, capsys):
     path = tmp_path / "last.pt"
     save_checkpoint(_payload(1), path)
     save_checkpoint(_payload(2), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.warns(UserWarning, match="previous checkpoint") as rec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a line on stderr, not a raw Python UserWarning
         loaded = load_checkpoint(path)
     assert loaded["step"] == 1
-    assert str(previous_path(path)) in str(rec[0].message)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: using the backup checkpoint")
+    assert str(previous_path(path)) in err[0] and str(path) in err[0]
     with pytest.raises(InputError, match="not a readable superdiffusion checkpoint") as exc:
         load_checkpoint(path, fallback=False)
     assert str(path) in str(exc.value) and len(str(exc.value).splitlines()) == 1
+    lines = []
+    assert load_checkpoint(path, action="resuming from", warn=lines.append)["step"] == 1
+    assert lines == [f"warning: resuming from the backup checkpoint {previous_path(path)}: {exc.value}"]
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage" * 10, None])
+def test_unreadable_checkpoint_error_is_one_complete_phrase(tmp_path, content):
+    """torch's messages run on for lines (and a cut after 160 characters ended mid-word): the error gives the
+    first complete sentence of the reason, or weights-only loading's own detail."""
+    path = tmp_path / "last.pt"
+    if content is None:  # a pickle of an object that weights-only loading refuses
+        torch.save({"format": FORMAT, "x": Fraction(1, 2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(InputError) as exc:
+        load_checkpoint(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: not a readable superdiffusion checkpoint (") and msg.endswith(")")
+    reason = msg[msg.index("(") + 1:-1]
+    assert len(reason) <= 160 and "\n" not in msg and "Please" not in reason and "In PyTorch" not in reason
+    assert "weights-only unpickling failed: " in reason
+    assert ("Fraction" in reason) if content is None else ("operand" in reason.lower())
 
 
 def test_missing_checkpoint_falls_back_to_prev(tmp_path):
@@ -132,8 +158,9 @@ def test_missing_checkpoint_falls_back_to_prev(tmp_path):
     save_checkpoint(_payload(1), path)
     save_checkpoint(_payload(2), path)
     path.unlink()  # a crash between the two renames of save_checkpoint leaves only the .prev file
-    with pytest.warns(UserWarning):
-        assert load_checkpoint(path)["step"] == 1
+    lines = []
+    assert load_checkpoint(path, warn=lines.append)["step"] == 1
+    assert len(lines) == 1 and "checkpoint not found" in lines[0]
 
 
 def test_corrupt_without_prev_is_input_error(tmp_path):
@@ -196,8 +223,9 @@ def test_malicious_last_with_good_prev_uses_prev_and_never_runs(tmp_path):
     save_checkpoint(_payload(1), path)
     save_checkpoint(_payload(2), path)
     torch.save({"format": FORMAT, "x": _Payload(marker)}, path)
-    with pytest.warns(UserWarning):
-        assert load_checkpoint(path)["step"] == 1
+    lines = []
+    assert load_checkpoint(path, warn=lines.append)["step"] == 1
+    assert len(lines) == 1 and "backup checkpoint" in lines[0]
     assert not marker.exists()
 
 

@@ -188,3 +188,20 @@ def test_dump_then_load_round_trips(tmp_path):
     path = tmp_path / "config.yaml"
     dump_config(cfg, path)
     assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(("override", "suggestion"), [
+    ("train.stpes=5", "'train.steps'"),
+    ("trian.steps=5", "'train'"),
+    ("data.num_clases=3", "'data.num_classes'"),
+])
+def test_unknown_key_suggests_the_closest_known_one(override, suggestion):
+    with pytest.raises(InputError, match=f"did you mean {suggestion}") as exc:
+        load_config(None, [override])
+    assert "\n" not in str(exc.value)
+
+
+def test_unknown_key_without_a_close_one_gets_no_suggestion():
+    with pytest.raises(InputError) as exc:
+        load_config(None, ["zzzqqq=1"])
+    assert "did you mean" not in str(exc.value)

@@ -4,7 +4,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so t
 `torch.load(weights_only=True)`: nothing in it is unpickled as an arbitrary object. Writes go to a
 temporary file in the same folder, are flushed to disk, then renamed over the target, so a crash or a
 full disk never leaves a half-written checkpoint under the real name; the previous good file is kept
-as `<name>.prev.pt` and used, with a warning, when the newest one is unreadable.
+as `<name>.prev.pt` and used, with a one-line warning, when the newest one is unreadable.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
-import warnings
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous:
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as err:  # disk full, quota, I/O error: nothing saved before is touched
-            raise CheckpointWriteError(f"{path}: could not write the checkpoint ({str(err).splitlines()[0][:120]}); "
+            raise CheckpointWriteError(f"{path}: could not write the checkpoint ({first_sentence(err)}); "
                                        "the previous checkpoints are intact") from err
         if keep_previous and path.exists():  # a second name for the old file: `path` never goes missing
             prev = previous_path(path)
@@ -61,8 +63,10 @@ def previous_path(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
-def load_checkpoint(path: str | Path, *, fallback: bool = True) -> dict[str, Any]:
-    """Load a checkpoint with weights-only unpickling; fall back to the previous good file if corrupt."""
+def load_checkpoint(path: str | Path, *, fallback: bool = True, action: str = "using",
+                    warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Load a checkpoint with weights-only unpickling; fall back to the previous good file if corrupt, saying so in
+    one line (`warn`, default stderr): "warning: <action> the backup checkpoint <prev>: <why path failed>"."""
     path = Path(path)
     try:
         return _load(path)
@@ -70,8 +74,24 @@ def load_checkpoint(path: str | Path, *, fallback: bool = True) -> dict[str, Any
         prev = previous_path(path)
         if not (fallback and prev.exists()):
             raise
-        warnings.warn(f"{err}; using the previous checkpoint {prev}", stacklevel=2)
+        (warn or _stderr)(f"warning: {action} the backup checkpoint {prev}: {err}")
         return _load(prev)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def first_sentence(err: BaseException) -> str:
+    """The reason torch gives for an unreadable file, as one complete phrase (its messages run on for lines)."""
+    text = str(err).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail:  # weights-only unpickling met bytes that are not a pickle, or objects other than plain data
+        text = f"weights-only unpickling failed: {detail.group(1)}"
+    if not text:
+        return type(err).__name__
+    sentence = re.split(r"(?<=\.)\s", text.splitlines()[0])[0].strip().rstrip(".")
+    return sentence if len(sentence) <= 160 else sentence[:157].rsplit(" ", 1)[0] + "..."
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -80,8 +100,7 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a readable superdiffusion checkpoint ({reason})") from err
+        raise InputError(f"{path}: not a readable superdiffusion checkpoint ({first_sentence(err)})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(f"{path}: not a superdiffusion checkpoint (format tag missing)")
     return payload

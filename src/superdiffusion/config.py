@@ -7,6 +7,7 @@ a config cannot run code. Unknown keys are an error (a typo must not silently fa
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -315,7 +316,9 @@ def merge(base: dict[str, Any], update: dict[str, Any], *, where: str, prefix: s
         if key not in base:
             if name in REMOVED_KEYS:
                 raise InputError(f"{where}: config key {name!r} was removed: {REMOVED_KEYS[name]}")
-            raise InputError(f"{where}: unknown config key {name!r}")
+            close = difflib.get_close_matches(key, list(base), n=1)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            raise InputError(f"{where}: unknown config key {name!r}{hint}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise InputError(f"{where}: {name!r} must be a mapping")

@@ -40,6 +40,38 @@ def test_run_report_is_one_self_contained_file(run_dir, tmp_path, capsys):
         write_report(run_dir, out)  # never overwritten
 
 
+def test_protocol_table_shows_the_input_grid_and_intensity_as_configured():
+    from superdiffusion.bench.html import protocol_rows
+    from superdiffusion.config import load_config
+
+    cfg = load_config(None, [*TINY, "data.spacing=[1.25, 1.25, 2.5]", "data.orientation=RAS",
+                             "data.intensity=zscore"])
+    rows = dict(protocol_rows(cfg))
+    assert rows["input grid"] == "spacing [1.25, 1.25, 2.5], size None, scale None, orientation RAS"
+    assert rows["intensity"] == "zscore" and rows["network dims"] == "2D"
+
+
+def test_run_report_says_why_the_validation_pictures_are_missing(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for path in (copy / "checkpoints").glob("*.pt"):
+        path.write_bytes(b"damaged")
+    text = write_report(copy, tmp_path / "r.html").read_text()
+    assert "No validation pictures" in text and "could not be loaded" in text
+    assert str(copy / "checkpoints") in text and "not a readable superdiffusion checkpoint" in text
+    assert "Validation metrics" in text and "Learning curves" in text  # the rest of the report is there
+
+
+def test_report_out_under_a_file_is_refused_before_any_work(run_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="afile"):
+        write_report(run_dir, afile / "sub" / "r.html")
+    assert afile.read_text() == "x"
+
+
 def test_bench_report_renders_the_summary_tables_and_figures(tmp_path):
     bench = tmp_path / "bench"
     bench.mkdir()

@@ -15,6 +15,7 @@ from PIL import Image
 from superdiffusion.cli.main import build_parser, main
 from superdiffusion.data.splits import make_split
 from superdiffusion.data.synthetic import make_synthetic_dataset, write_synthetic_dataset
+from superdiffusion.evaluation.evaluate import STAMP
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 OPTIONS = {
@@ -175,15 +176,27 @@ def test_predict_continues_an_interrupted_folder_and_writes_extras(trained, tmp_
     images = sorted((vol / "images").iterdir())
     out = tmp_path / "masks"
     assert main(["predict", str(trained), str(images[0]), "--out", str(out), "--no-progress"]) == 0
-    (out / ".tmp-1-synth001.nii.gz").write_bytes(b"torn")  # what a killed writer could leave: not a finished mask
+    first_mask = (out / "synth000.nii.gz").stat().st_mtime_ns
+    dead, live = out / f".tmp-{2 ** 22 + 1}-synth001.nii.gz", out / ".tmp-1-synth002.nii.gz"  # pid 1: alive
+    for torn in (dead, live):  # what a killed writer could leave (and one still writing): not finished masks
+        torn.write_bytes(b"torn")
     capsys.readouterr()
     assert main(["predict", str(trained), str(vol / "images"), "--out", str(out), "--save-probabilities",
                  "--preview", "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "2 case(s) segmented, 1 skipped" in captured.err
+    # the case whose mask existed gets the extras asked for now; its mask is kept as it was
+    assert "2 case(s) segmented, extras added for 1 whose mask existed" in captured.err
+    assert (out / "synth000.nii.gz").stat().st_mtime_ns == first_mask
+    assert str(out / "synth000_probability.nii.gz") in captured.out.split()
+    assert not dead.exists() and live.exists()  # a killed predict's temp file is cleaned, a live one's kept
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    assert names == sorted(["synth000.nii.gz"] + [f"synth00{k}{s}" for k in (1, 2) for s in
-                                                  (".nii.gz", "_probability.nii.gz", "_preview.png")])
+    assert names == sorted(f"synth00{k}{s}" for k in (0, 1, 2)
+                           for s in (".nii.gz", "_probability.nii.gz", "_preview.png"))
+    # every requested output there: a re-run skips every case
+    assert main(["predict", str(trained), str(vol / "images"), "--out", str(out), "--save-probabilities",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "0 case(s) segmented, 3 skipped" in captured.err
     prob = nib.load(str(out / "synth001_probability.nii.gz"))
     mask = np.asarray(nib.load(str(out / "synth001.nii.gz")).dataobj)
     p = np.asarray(prob.dataobj)
@@ -211,7 +224,7 @@ def test_predict_refuses_a_wrong_channel_count_and_an_unusable_out_before_any_wo
 def test_predict_a_folder_of_cases(trained, la_root, tmp_path, capsys):
     out = tmp_path / "masks"
     assert main(["predict", str(trained), str(la_root), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [f"synth{k:03d}.h5" for k in range(8)]
+    assert sorted(p.name for p in out.iterdir() if p.name != STAMP) == [f"synth{k:03d}.h5" for k in range(8)]
 
 
 # --------------------------------------------------------------------------------------- bad inputs
@@ -305,8 +318,9 @@ def test_label_value_out_of_range(tmp_path, la_sets, capsys):
         label = f["label"][()]
     label[0, 0, 0] = 3
     _rewrite(bad, label=label)
-    _train_fails(capsys, tmp_path / "run", la_sets(root, "split.val=1", "split.labelled=3"), bad, "3",
-                 "num_classes=2")
+    line = _train_fails(capsys, tmp_path / "run", la_sets(root, "split.val=1", "split.labelled=3"), bad, "3",
+                        "data.num_classes=2")
+    assert "binarize" not in line  # the hint names the config key, not an internal argument
 
 
 def test_train_into_existing_non_empty_run(tmp_path, la_root, la_sets, capsys):
@@ -451,3 +465,155 @@ def test_evaluate_refuses_to_overwrite_its_output(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "scores.json" in err[0] and "exists" in err[0]
     assert out.read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------ predict folders and outputs
+def _volumes(tmp_path: Path, n: int = 2, **kw) -> Path:
+    return write_synthetic_dataset(tmp_path / "vol", n, dims=3, shape=(16, 16, 12), fmt="volumes", **kw)
+
+
+def test_predict_refuses_a_folder_made_by_another_run_or_setting(trained, tmp_path, capsys):
+    import shutil
+
+    images = _volumes(tmp_path) / "images"
+    out = tmp_path / "masks"
+    assert main(["predict", str(trained), str(images), "--out", str(out), "--no-progress"]) == 0
+    stamp = json.loads((out / STAMP).read_text())
+    assert stamp["run"] == str(trained.resolve()) and stamp["predictor"] == "student"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = tmp_path / "other-run"
+    shutil.copytree(trained, other)
+    results = json.loads((trained / "results.json").read_text())
+    checkpoint = "best" if results["checkpoint"] == "last" else "last"
+    capsys.readouterr()
+    for argv, needle in (([str(other)], "run"), ([str(trained), "--checkpoint", checkpoint], "checkpoint")):
+        assert main(["predict", argv[0], str(images), "--out", str(out), "--no-progress", *argv[1:]]) == 2
+        _one_error_line(capsys, out, needle, "--overwrite", "another --out")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    # --overwrite redoes the cases with the other run, and the stamp says so
+    assert main(["predict", str(other), str(images), "--out", str(out), "--no-progress", "--overwrite"]) == 0
+    assert json.loads((out / STAMP).read_text())["run"] == str(other.resolve())
+    # masks that predict did not make (no stamp) are never taken for finished cases
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copy(out / "synth000.nii.gz", foreign / "synth000.nii.gz")
+    capsys.readouterr()
+    assert main(["predict", str(trained), str(images), "--out", str(foreign), "--no-progress"]) == 2
+    _one_error_line(capsys, foreign, "synth000.nii.gz", "--overwrite")
+
+
+def test_predict_threads_default_to_the_runs_and_follow_threads(trained, tmp_path):
+    import torch
+
+    images = _volumes(tmp_path, 1) / "images"
+    torch.set_num_threads(2)  # the run was trained with train.threads=1
+    assert main(["predict", str(trained), str(images), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert torch.get_num_threads() == 1
+    assert main(["predict", str(trained), str(images), "--out", str(tmp_path / "b"), "--no-progress",
+                 "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--samples", "0"), ("--ddim-steps", "0"), ("--threads", "0"),
+                                             ("--samples", "-3")])
+def test_predict_refuses_counts_below_one(trained, tmp_path, capsys, flag, value):
+    images = _volumes(tmp_path, 1) / "images"
+    assert main(["predict", str(trained), str(images), "--out", str(tmp_path / "m"), flag, value]) == 2
+    _one_error_line(capsys, f"{flag} {value}", "positive")
+    assert not (tmp_path / "m").exists()
+
+
+def test_predict_writes_nii_for_nii_inputs(trained, tmp_path, capsys):
+    vol = _volumes(tmp_path, 1)
+    src = nib.load(str(vol / "images" / "synth000.nii.gz"))
+    plain = tmp_path / "in" / "case7.nii"
+    plain.parent.mkdir()
+    nib.save(src, str(plain))
+    out = tmp_path / "masks"
+    assert main(["predict", str(trained), str(plain), "--out", str(out), "--save-probabilities",
+                 "--no-progress"]) == 0
+    assert sorted(capsys.readouterr().out.split()) == [str(out / "case7.nii"), str(out / "case7_probability.nii")]
+    with open(out / "case7.nii", "rb") as f:
+        assert f.read(2) != b"\x1f\x8b"  # not gzip-compressed
+    assert nib.load(str(out / "case7.nii")).shape == src.shape
+
+
+def test_evaluate_folders_ignores_predicts_own_extras(trained, tmp_path, capsys):
+    vol = _volumes(tmp_path, 2)
+    out = tmp_path / "masks"
+    assert main(["predict", str(trained), str(vol / "images"), "--out", str(out), "--save-probabilities",
+                 "--preview", "--no-progress"]) == 0
+    (out / ".tmp-99-synth001.nii.gz").write_bytes(b"torn")  # a temp file is not a prediction either
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(out), "--gt", str(vol / "labels")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and json.loads(captured.out)["unscored_predictions"] == []
+    # a file that merely looks like an extra (no mask of its base id) is still reported
+    _nii_mask(out / "ghost_probability.nii.gz", np.zeros((16, 16, 12), np.int16))
+    assert main(["evaluate", "--pred", str(out), "--gt", str(vol / "labels")]) == 0
+    captured = capsys.readouterr()
+    assert "1 prediction(s)" in captured.err and "ghost_probability" in captured.err
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "export", "report"])
+def test_an_impossible_out_is_one_line_before_any_work(trained, tmp_path, la_root, la_sets, capsys, command):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = afile / "sub"  # under a regular file: no folder can be made there, whoever we are
+    argv = {"train": _train_argv(out, la_sets(la_root)),
+            "predict": ["predict", str(trained), str(la_root / "synth000" / "mri_norm2.h5"), "--out", str(out)],
+            "export": ["export", str(trained), "--out", str(out / "model.pt")],
+            "report": ["report", str(trained), "--out", str(out / "report.html")]}[command]
+    assert main(argv) == 2
+    _one_error_line(capsys, "afile")
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_predict_out_whose_parent_cannot_be_created(trained, la_root, capsys):
+    out = Path("/proc/superdiffusion-no-such-dir/masks")
+    assert main(["predict", str(trained), str(la_root / "synth000" / "mri_norm2.h5"), "--out", str(out)]) == 2
+    _one_error_line(capsys, out, "cannot write")
+
+
+# ---------------------------------------------------------------------------------------- help texts
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    description = " ".join(out.split("positional arguments")[0].split("\n", 2)[-1].split())
+    for command in _commands():
+        assert command in description, (command, description)
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"superdiffusion {version('superdiffusion')}"
+
+
+def test_evaluate_format_help_names_every_dataset_format(capsys):
+    from superdiffusion.data.readers import FORMATS
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fmt in FORMATS:
+        assert fmt in text.split("--format")[-1].split("--pred")[0], fmt
+
+
+def test_evaluate_run_threads(trained, la_root, tmp_path, capsys):
+    import torch
+
+    one = tmp_path / "one.list"
+    one.write_text("synth001\n")
+    torch.set_num_threads(2)
+    assert main(["evaluate", str(trained), "--data", str(la_root), "--list", str(one)]) == 0
+    assert torch.get_num_threads() == 1  # the run's train.threads
+    assert main(["evaluate", str(trained), "--data", str(la_root), "--list", str(one), "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    assert main(["evaluate", str(trained), "--data", str(la_root), "--threads", "0"]) == 2
+    _one_error_line(capsys, "--threads 0")

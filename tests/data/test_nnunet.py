@@ -89,7 +89,8 @@ def test_train_predict_and_evaluate_against_labels_tr(tmp_path, capsys):
     assert main(["train", "demo", "--out", str(run), "--no-progress", *[a for s in sets for a in ("--set", s)]]) == 0
     masks = tmp_path / "masks"
     assert main(["predict", str(run), str(root / "imagesTr"), "--out", str(masks), "--no-progress"]) == 0
-    assert sorted(p.name for p in masks.iterdir()) == [f"case{i}.nii.gz" for i in range(4)]  # no _0000
+    written = sorted(p.name for p in masks.iterdir() if not p.name.startswith("."))  # the dot-file: predict's stamp
+    assert written == [f"case{i}.nii.gz" for i in range(4)]  # no _0000
     capsys.readouterr()
     assert main(["evaluate", "--pred", str(masks), "--gt", str(root / "labelsTr"), "--num-classes", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["n_cases"] == 4

@@ -247,8 +247,8 @@ def test_write_mask_nifti_keeps_affine(tmp_path, ext):
     path = tmp_path / f"v{ext}"
     nib.save(nib.Nifti1Image(_vol()[0], affine), str(path))
     case = load_case(CaseRef("v", path, None, "nifti"))
-    _roundtrip(case, tmp_path, ".nii.gz")
-    assert np.allclose(nib.load(str(tmp_path / "out" / "v.nii.gz")).affine, affine)
+    _roundtrip(case, tmp_path, ext)  # the input's own format: .nii in, .nii out
+    assert np.allclose(nib.load(str(tmp_path / "out" / f"v{ext}")).affine, affine)
 
 
 def test_write_mask_nrrd_keeps_geometry(tmp_path):

@@ -214,7 +214,7 @@ def _count_steps(monkeypatch) -> list[int]:
     return steps
 
 
-def test_resume_falls_back_to_prev_when_last_is_corrupt(tmp_path, tiny_cfg, monkeypatch, interrupted_at):
+def test_resume_falls_back_to_prev_when_last_is_corrupt(tmp_path, tiny_cfg, monkeypatch, interrupted_at, capsys):
     cfg = tiny_cfg("train.steps=8", "train.val_every=0")
     train_run(cfg, tmp_path / "a", progress=False)
     run = tmp_path / "b"
@@ -224,8 +224,13 @@ def test_resume_falls_back_to_prev_when_last_is_corrupt(tmp_path, tiny_cfg, monk
     assert load_checkpoint(last)["step"] == 4 and load_checkpoint(previous_path(last))["step"] == 2
     last.write_bytes(last.read_bytes()[:100])  # e.g. a disk error after the rename
     steps = _count_steps(monkeypatch)
-    with pytest.warns(UserWarning, match="previous checkpoint"):
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # one clean line on stderr, not a raw Python warning
         train_run(cfg, run, resume=True, progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: resuming from the backup checkpoint {previous_path(last)}: ")
+    assert str(last) in err[0] and "not a readable superdiffusion checkpoint" in err[0]
     assert steps == [2, 3, 4, 5, 6, 7]  # resumed after step 2, the .prev checkpoint
     _assert_same_weights(tmp_path / "a" / "checkpoints" / "last.pt", last)
     assert [r["step"] for r in _train_lines(run)][-6:] == [3, 4, 5, 6, 7, 8]
@@ -240,17 +245,57 @@ def _interrupted_at_step_5(tmp_path, tiny_cfg, interrupted_at) -> tuple[dict, Pa
     return cfg, run
 
 
-def test_resume_uses_prev_when_last_is_missing(tmp_path, tiny_cfg, monkeypatch, interrupted_at):
+def test_resume_uses_prev_when_last_is_missing(tmp_path, tiny_cfg, monkeypatch, interrupted_at, capsys):
     cfg, run = _interrupted_at_step_5(tmp_path, tiny_cfg, interrupted_at)
     last = run / "checkpoints" / "last.pt"
     assert load_checkpoint(previous_path(last))["step"] == 2
     last.unlink()  # a last.pt lost by other means (save_checkpoint itself never leaves this state)
     steps = _count_steps(monkeypatch)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train_run(cfg, run, resume=True, progress=False)
+    capsys.readouterr()
+    train_run(cfg, run, resume=True, progress=False)
     assert steps == [2, 3, 4, 5, 6, 7]  # continued from last.prev.pt (step 2), not from scratch
-    assert any("previous checkpoint" in str(w.message) for w in caught)
+    err = capsys.readouterr().err
+    assert "resuming from the backup checkpoint" in err and "checkpoint not found" in err
+
+
+def _slow_steps(monkeypatch, seconds: float) -> None:
+    """Every supervised training step takes at least `seconds` (so wall times are measurable)."""
+    real = Supervised.training_step
+
+    def slow(self, batch, *, step, **kw):
+        time.sleep(seconds)
+        return real(self, batch, step=step, **kw)
+
+    monkeypatch.setattr(Supervised, "training_step", slow)
+
+
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_a_resumed_runs_wall_time_counts_every_segment(tmp_path, tiny_cfg, monkeypatch, interrupted_at,
+                                                        old_checkpoint):
+    """results.json's wall_time_s is the training time of the whole run, not of its last segment alone
+    (the bench's timing tables compare them); a checkpoint of an older version (no elapsed_s) still resumes."""
+    from superdiffusion.checkpoint import save_checkpoint
+
+    pause = 0.3
+    _slow_steps(monkeypatch, pause)
+    cfg, run = _interrupted_at_step_5(tmp_path, tiny_cfg, interrupted_at)
+    last = run / "checkpoints" / "last.pt"
+    payload = load_checkpoint(last)
+    assert payload["step"] == 4 and payload["elapsed_s"] >= 4 * pause  # steps 0..3 before the kill
+    if old_checkpoint:
+        payload.pop("elapsed_s")
+        payload.pop("format")
+        save_checkpoint(payload, last, keep_previous=False)
+    t0 = time.perf_counter()
+    results = train_run(cfg, run, resume=True, progress=False)
+    segment = time.perf_counter() - t0  # steps 4..7, the final evaluation, and reading the data before them
+    if old_checkpoint:
+        assert results["wall_time_s"] <= segment + 0.1  # all it knows of: this segment
+    else:  # this segment (less the data reading, far under the 1.2 s before the kill) plus the earlier one
+        assert results["wall_time_s"] > segment + 0.1
+        assert results["wall_time_s"] <= segment + payload["elapsed_s"] + 0.1
+    assert json.loads((run / "results.json").read_text())["wall_time_s"] == results["wall_time_s"]
+    assert load_checkpoint(last)["elapsed_s"] >= (4 if old_checkpoint else 8) * pause
 
 
 def test_resume_tolerates_a_torn_log_line(tmp_path, tiny_cfg, interrupted_at):
@@ -416,3 +461,28 @@ def test_run_from_an_earlier_version_resumes_and_loads(tmp_path, tiny_cfg):
     # a supervised run does not read the diffusion sections: changing them changes none of its numbers
     assert train_run(tiny_cfg("train.steps=2", "superdiffusion.cps_loss=ce"), run, resume=True, progress=False)
     assert load_run(run).cfg == cfg
+
+
+def test_a_resumed_pipelines_wall_time_includes_its_finished_stages(tmp_path, tiny_cfg, monkeypatch, interrupted_at):
+    """A pipeline killed in its final stage reloads its finished pre-training: that stage's time still counts."""
+    from superdiffusion.methods.superdiffusion import CoTrain, Pretrain
+
+    real = Pretrain.training_step
+
+    def slow(self, batch, **kw):
+        time.sleep(0.4)
+        return real(self, batch, **kw)
+
+    monkeypatch.setattr(Pretrain, "training_step", slow)
+    cfg = tiny_cfg("method=superdiffusion", "superdiffusion.pretrain_steps=3", "train.steps=4", "train.val_every=0")
+    run = tmp_path / "run"
+    with interrupted_at(CoTrain, 3), pytest.raises(KeyboardInterrupt):
+        train_run(cfg, run, progress=False)
+    assert (run / "pretrain" / "DONE").is_file()
+    pretrain_s = load_checkpoint(run / "pretrain" / "checkpoints" / "last.pt")["elapsed_s"]
+    assert pretrain_s >= 3 * 0.4
+    final_s = load_checkpoint(run / "checkpoints" / "last.pt")["elapsed_s"]  # the final stage's steps 0, 1
+    t0 = time.perf_counter()
+    results = train_run(cfg, run, resume=True, progress=False)
+    segment = time.perf_counter() - t0  # no pre-training in it: the finished stage is only reloaded
+    assert segment + 0.1 < results["wall_time_s"] <= segment + pretrain_s + final_s + 0.1

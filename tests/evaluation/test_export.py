@@ -144,3 +144,27 @@ def test_export_refuses_overwrite_and_inexact_teachers(runs, tmp_path, capsys):
         logits_module(run.method, "teacher", cfg)
     with pytest.raises(InputError, match="net9"):
         export_run(runs["sup2d"], tmp_path / "other.pt", predictor="net9")
+
+
+def test_export_refuses_an_impossible_out_before_scripting(runs, tmp_path, monkeypatch):
+    import superdiffusion.evaluation.export as export
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(export, "script_segmenter", lambda *a, **k: pytest.fail("scripted before the check"))
+    with pytest.raises(InputError, match="afile") as exc:
+        export_run(runs["sup2d"], afile / "sub" / "model.pt")
+    assert "\n" not in str(exc.value) and afile.read_text() == "x"
+    existing = tmp_path / "model.pt"
+    existing.write_bytes(b"mine")
+    with pytest.raises(InputError, match="exists already"):
+        export_run(runs["sup2d"], existing)
+    assert existing.read_bytes() == b"mine"
+
+
+def test_export_uses_the_runs_threads_or_threads(runs, tmp_path):
+    torch.set_num_threads(2)
+    export_run(runs["sup2d"], tmp_path / "a.pt")  # trained with train.threads=1
+    assert torch.get_num_threads() == 1
+    export_run(runs["sup2d"], tmp_path / "b.pt", threads=2)
+    assert torch.get_num_threads() == 2

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from matplotlib.figure import Figure
 
 from ..config import read_stored_config
 from ..errors import InputError
+from ..outputs import check_output_file
 from ..runlog import log_entries
 
 STYLE = """
@@ -39,9 +41,7 @@ img { max-width: 100%; border: 1px solid #ddd; margin: .4em 0; }
 
 def write_report(folder: str | Path, out: str | Path) -> Path:
     """Write the report of a run folder or a bench folder to `out` (never over an existing file)."""
-    folder, out = Path(folder), Path(out)
-    if out.exists():
-        raise InputError(f"{out}: exists already; choose another --out (reports never overwrite)")
+    folder, out = Path(folder), check_output_file(out)  # before any figure is drawn
     if not folder.is_dir():
         raise InputError(f"{folder}: folder not found")
     if (folder / "config.yaml").is_file():
@@ -53,10 +53,15 @@ def write_report(folder: str | Path, out: str | Path) -> Path:
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n"
             "<p class=\"note\">Made by <code>superdiffusion report</code>.</p></body></html>\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as err:  # e.g. the disk filled up while the figures were drawn
+        raise InputError(f"{out}: could not write the report ({err.strerror or type(err).__name__})") from err
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -91,9 +96,11 @@ def run_sections(run_dir: Path) -> str:
         parts += ["<h2>Learning curves</h2>", img(curves, "learning curves")]
     if results is not None and split.get("val"):
         overlays = case_overlays(run_dir, cfg, split["val"][:3])
-        if overlays:
-            parts += ["<h2>Validation cases</h2>",
-                      "<p class=\"note\">Ground truth in green, the reported predictor's mask in red; for volumes "
+        parts.append("<h2>Validation cases</h2>")
+        if isinstance(overlays, str):
+            parts.append(f"<p><b>No validation pictures</b>: {html.escape(overlays)}.</p>")
+        else:
+            parts += ["<p class=\"note\">Ground truth in green, the reported predictor's mask in red; for volumes "
                       "the slice with the most ground-truth foreground.</p>", img(overlays, "overlays")]
     return "\n".join(parts)
 
@@ -101,8 +108,10 @@ def run_sections(run_dir: Path) -> str:
 def protocol_rows(cfg: dict) -> list[tuple[str, object]]:
     d, t, m, e = cfg["data"], cfg["train"], cfg["model"], cfg["eval"]
     return [("method", cfg["method"]), ("seed", cfg["seed"]), ("data", f"{d['format']} {d['root'] or ''}"),
-            ("network dims / input size", f"{d['dims']}D, " + (f"size {d['size']}" if d["size"] else
-                                                               f"scale {d['scale']}")),
+            ("network dims", f"{d['dims']}D"),
+            ("input grid", f"spacing {d['spacing']}, size {d['size']}, scale {d['scale']}, "
+                           f"orientation {d['orientation']}"),
+            ("intensity", d["intensity"]),
             ("split", f"labelled {cfg['split']['labelled']}, validation {cfg['split']['val']}, "
                       f"seed {cfg['split']['seed']}"),
             ("network", f"{m['arch']} {m['channels']}, {m['norm']} norm, dropout {m['dropout']}"),
@@ -139,8 +148,9 @@ def learning_curves(log_path: Path) -> bytes | None:
     return png(fig)
 
 
-def case_overlays(run_dir: Path, cfg: dict, ids: list[str]) -> bytes | None:
-    """Image, ground truth (green) and the reported predictor's mask (red) of a few validation cases."""
+def case_overlays(run_dir: Path, cfg: dict, ids: list[str]) -> bytes | str:
+    """Image, ground truth (green) and the reported predictor's mask (red) of a few validation cases, or why they
+    could not be drawn (checkpoint or data unreadable), for the report to say."""
     from ..data.pipeline import load_cases
     from ..evaluation.evaluate import draw_overlay
     from ..evaluation.predict import load_run
@@ -148,9 +158,12 @@ def case_overlays(run_dir: Path, cfg: dict, ids: list[str]) -> bytes | None:
 
     try:
         run = load_run(run_dir)
+    except InputError as err:  # checkpoint gone or damaged (a run copied without it): the report says so
+        return f"the checkpoint could not be loaded ({err})"
+    try:
         cases = load_cases(cfg["data"], ids)
-    except InputError:  # checkpoint or data gone (a run copied without them): the report goes on without
-        return None
+    except InputError as err:  # the data moved: the report says so
+        return f"the validation cases could not be read ({err})"
     fig = Figure(figsize=(3.4 * len(cases), 3.6))
     for i, case in enumerate(cases):
         pred = run.predict(case.image, spacing=case.spacing)
@@ -177,7 +190,10 @@ def bench_sections(bench_dir: Path) -> str:
         cfg = read_stored_config(first / "config.yaml")
         split = json.loads((first / "split.json").read_text())
         overlays = case_overlays(first, cfg, split.get("val", [])[:3])
-        if overlays:
+        if isinstance(overlays, str):
+            parts.append(f"<p><b>No validation pictures of {html.escape(str(first.relative_to(bench_dir)))}</b>: "
+                         f"{html.escape(overlays)}.</p>")
+        elif overlays:
             parts += [f"<h2>Validation cases of {html.escape(str(first.relative_to(bench_dir)))}</h2>",
                       "<p class=\"note\">Ground truth in green, the run's mask in red.</p>", img(overlays, "overlays")]
     return "\n".join(parts)

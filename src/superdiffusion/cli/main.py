@@ -1,4 +1,4 @@
-"""`superdiffusion` command line: train, evaluate, predict, demo.
+"""`superdiffusion` command line: every command is listed by `superdiffusion --help`.
 
 Every user error is one `error: ...` line on stderr and exit status 2, raised before long work starts.
 """
@@ -12,11 +12,13 @@ from pathlib import Path
 
 from ..errors import InputError
 
+THREADS_HELP = "torch CPU threads (default: the run's train.threads, else torch's one per core)"
 EPILOG = "Configs shipped with the package can be named without a path, e.g. `superdiffusion train demo`."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="superdiffusion", description=__doc__.splitlines()[0], epilog=EPILOG)
+    p = argparse.ArgumentParser(prog="superdiffusion", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a method from a YAML config into a run folder",
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset folder to evaluate RUN on (format as in the run's config)")
     e.add_argument("--list", help="list file of case ids in --data (default: every case)")
     e.add_argument("--format", help="dataset format of --data if different from the run's (la, volumes, folders, "
-                                    "glas, ph2)")
+                                    "nnunet, glas, ph2)")
     e.add_argument("--pred", help="folder of predicted mask files (matched to --gt by file name)")
     e.add_argument("--gt", help="folder of ground-truth mask files")
     e.add_argument("--num-classes", type=int, default=None, help="K for --pred/--gt (default 2)")
@@ -48,21 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=["best", "last"], help="checkpoint of RUN (default: the run's choice)")
     e.add_argument("--predictor", help="student or teacher (default: the run's choice on validation)")
     e.add_argument("--out", help="write the JSON here (default: print it)")
+    e.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
 
     pr = sub.add_parser("predict", help="segment images with a trained run",
                         description="Writes one mask per input, in the input's own format (h5, nii.gz, nrrd, "
                                     "png/bmp), at the input's resolution.")
     pr.add_argument("run", help="run folder made by `superdiffusion train`")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of image files")
-    pr.add_argument("--out", required=True, help="output folder; cases whose mask is there already are skipped, so "
-                    "an interrupted predict continues into the same folder")
+    pr.add_argument("--out", required=True, help="output folder; cases whose requested outputs are there already are "
+                    "skipped (missing extras are added), so an interrupted predict continues into the same folder; "
+                    "a folder of another run's or setting's masks is refused (its .superdiffusion-predict.json)")
     pr.add_argument("--overwrite", action="store_true", help="redo (and replace) cases whose mask exists already")
     pr.add_argument("--save-probabilities", action="store_true",
                     help="also write <id>_probability: the foreground probability as a float map in the input's "
                          "format (.tif for 2D); with more classes <id>_probability_<k> per foreground class")
     pr.add_argument("--preview", action="store_true",
-                    help="also write <id>_preview.png: the image with the mask's outline (middle slices of a volume)")
+                    help="also write <id>_preview.png: the image with the mask's outline (for a volume, the slice "
+                         "through the mask's largest cross-section along each axis, in the voxel spacing)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     pr.add_argument("--checkpoint", choices=["best", "last"], help="default: the run's choice")
     pr.add_argument("--predictor", help="student or teacher (default: the run's choice on validation)")
     pr.add_argument("--mode", choices=["fixed", "ddim", "ensemble"],
@@ -141,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="artefact file to write (never overwritten), e.g. model.pt")
     x.add_argument("--checkpoint", choices=["best", "last"], help="default: the run's choice")
     x.add_argument("--predictor", help="student, teacher, ... (default: the run's choice on validation)")
+    x.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
 
     bs = sub.add_parser("bench-speed", help="training-step and inference speed and memory of every method",
                         description="Median seconds and peak memory of each method's training step (supervised, "
@@ -171,7 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bs.add_argument("--in-process", action="store_true",
                     help="no fresh process per training row (faster start; memory figures less clean)")
+    p.description = f"superdiffusion command line: {', '.join(sub.choices)}."  # every command, as added above
     return p
+
+
+def package_version() -> str:
+    """The installed distribution's version (the source tree's own when run uninstalled)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("superdiffusion")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +243,7 @@ def cmd_evaluate(args) -> int:
         if not (args.run and args.data):
             raise InputError("evaluate: give either RUN --data DIR, or both --pred DIR and --gt DIR")
         report = evaluate_run(args.run, args.data, args.list, fmt=args.format, checkpoint=args.checkpoint,
-                              predictor=args.predictor)
+                              predictor=args.predictor, threads=args.threads)
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +259,7 @@ def cmd_predict(args) -> int:
                               mode=args.mode, ddim_steps=args.ddim_steps, samples=args.samples,
                               noise_seed=args.noise_seed, uncertainty=args.uncertainty,
                               save_probabilities=args.save_probabilities, preview=args.preview,
-                              overwrite=args.overwrite, progress=not args.no_progress,
+                              overwrite=args.overwrite, progress=not args.no_progress, threads=args.threads,
                               log=lambda line: print(line, file=sys.stderr)):
         print(path)
     return 0
@@ -279,7 +299,8 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from ..evaluation.export import export_run
 
-    info = export_run(args.run, args.out, checkpoint=args.checkpoint, predictor=args.predictor)
+    info = export_run(args.run, args.out, checkpoint=args.checkpoint, predictor=args.predictor,
+                      threads=args.threads)
     print(json.dumps({k: info[k] for k in ("out", "method", "predictor", "net_dims", "num_classes")}))
     return 0
 

@@ -474,7 +474,8 @@ def load_case(
             shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
             raise InputError(
                 f"{ref.label}: label values {shown} outside 0..{num_classes - 1} "
-                f"(num_classes={num_classes}; binarize=True maps every value > 0 to 1)"
+                f"(data.num_classes={num_classes}: set data.num_classes to the number of classes, background "
+                "included, or store every foreground voxel as 1)"
             )
         label = lab
     meta = {"format": ref.format, "suffix": _suffix(Path(ref.image)), **extra}
@@ -562,6 +563,8 @@ def read_mask(path: str | Path, *, num_classes: int = 2) -> tuple[np.ndarray, tu
 def _target(case: Case, *, float_map: bool) -> tuple[str, str]:
     """(writer, extension) for a case: the input's own format; synthetic cases get NIfTI / PNG."""
     fmt = case.meta.get("format")
+    if fmt == "nifti" and case.meta.get("suffix") == ".nii":  # uncompressed in, uncompressed out
+        return fmt, ".nii"
     if fmt in ("la-h5", "nifti", "nrrd", "mha"):
         return fmt, {"la-h5": ".h5", "nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}[fmt]
     if case.spatial_dims == 3:
@@ -683,7 +686,12 @@ def write_array(
         raise InputError(
             f"array for case {case.id!r} has shape {array.shape}, image has {case.spatial_shape}"
         )
-    kind, ext = _target(case, float_map=True)
-    path = _target_path(out_dir, f"{case.id}{suffix}{ext}", overwrite)
+    kind, _ = _target(case, float_map=True)
+    path = _target_path(out_dir, array_path(case, out_dir, suffix).name, overwrite)
     _write(kind, path, array, case, "data")
     return path
+
+
+def array_path(case: Case, out_dir: str | Path, suffix: str) -> Path:
+    """Where write_array puts the case's float map `<id><suffix>`."""
+    return Path(out_dir) / f"{case.id}{suffix}{_target(case, float_map=True)[1]}"

@@ -8,6 +8,7 @@ Run folder layout (final stage at the top, earlier pipeline stages in sub-folder
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..evaluation.metrics import summarize
 from ..methods import METHODS, build_method, method_class
 from ..methods.base import DICE_FORMS, Stage
 from ..nets.unet import ARCHS
+from ..outputs import check_output_dir
 from . import distributed, host
 from .trainer import Trainer
 
@@ -140,6 +142,8 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     """Train every stage of cfg.method in run_dir, then evaluate on the validation split."""
     check_config(cfg)
     run_dir = Path(run_dir)
+    if os.environ.get("RANK", "0") == "0":  # rank 0 alone writes the run (and another rank's probe would race)
+        check_output_dir(run_dir)  # before the data is read: an unusable --out is one line, not a traceback
     if cfg["train"]["threads"]:
         torch.set_num_threads(int(cfg["train"]["threads"]))
     if cfg["train"]["hold_memory"]:
@@ -156,8 +160,11 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     method = build_method(cfg, in_channels=data.in_channels)
     stages = method.stages()
     carried = []  # the checkpoints whose optimiser state the final method goes on with
+    earlier_s = 0.0  # training seconds spent before this process (earlier segments of a resumed run)
     for index, stage in enumerate(stages, 1):  # earlier stages of a pipeline (SuperDiffusion's pre-training)
-        checkpoint = run_stage(stage, cfg, data, run_dir / stage.folder, index=index, resume=resume, progress=progress)
+        checkpoint, stage_earlier_s = run_stage(stage, cfg, data, run_dir / stage.folder, index=index,
+                                                resume=resume, progress=progress)
+        earlier_s += stage_earlier_s
         if stage.carry_optimizer:  # BCP's self-training goes on with its pre-training's momentum
             carried.append(checkpoint)
     method.after_stages()  # before fit(): a resumed run's checkpoint then overrides what this sets
@@ -168,7 +175,8 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
     results = {"steps": summary["step"], "rank": rank}
     if rank == 0:  # rank 0 alone evaluates and records
         results = final_evaluation(method, cfg, data, run_dir)
-        results.update(steps=summary["step"], wall_time_s=round(time.perf_counter() - t0, 1))
+        earlier_s += summary["earlier_s"]  # the total over every segment, not only this one's
+        results.update(steps=summary["step"], wall_time_s=round(time.perf_counter() - t0 + earlier_s, 1))
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         (run_dir / DONE).write_text("ok\n")
     distributed.wait_for_rank0()
@@ -176,19 +184,25 @@ def train_run(cfg: dict, run_dir: str | Path, *, resume: bool = False, progress:
 
 
 def run_stage(stage: Stage, cfg: dict, data: DataBundle, stage_dir: Path, *, index: int, resume: bool,
-              progress: bool) -> dict:
+              progress: bool) -> tuple[dict, float]:
     """Train a pipeline stage in its sub-folder (its own random draws: `index`, 1 for the first); once finished
-    (DONE), later runs just reload it. Returns the checkpoint it hands on, its weights loaded into the method."""
-    if not (stage_dir / DONE).is_file():
+    (DONE), later runs just reload it. Returns the checkpoint it hands on, its weights loaded into the method, and
+    the stage's training seconds spent before this process (all of them for a stage finished earlier)."""
+    finished = (stage_dir / DONE).is_file()
+    if not finished:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        Trainer(stage.method, cfg, data, stage_dir, lr=stage.lr, steps=stage.steps, progress=progress,
-                stage=index, validate=stage.val_every > 0, val_every=stage.val_every).fit(resume=resume)
+        earlier_s = Trainer(stage.method, cfg, data, stage_dir, lr=stage.lr, steps=stage.steps, progress=progress,
+                            stage=index, validate=stage.val_every > 0,
+                            val_every=stage.val_every).fit(resume=resume)["earlier_s"]
         if distributed.rank_world()[0] == 0:
             (stage_dir / DONE).write_text("ok\n")
         distributed.barrier()
-    checkpoint = load_checkpoint(stage_checkpoint(stage, stage_dir))
+    path, last = stage_checkpoint(stage, stage_dir), stage_dir / "checkpoints" / "last.pt"
+    checkpoint = load_checkpoint(path)
+    if finished:  # its whole training time was spent earlier; last.pt holds it
+        earlier_s = float((checkpoint if path == last else load_checkpoint(last)).get("elapsed_s", 0.0))
     stage.method.load_state_dict(checkpoint["model"])
-    return checkpoint
+    return checkpoint, earlier_s
 
 
 def stage_checkpoint(stage: Stage, stage_dir: Path) -> Path:

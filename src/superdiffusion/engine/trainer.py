@@ -118,6 +118,9 @@ class Trainer:
         self.stage_key = (stage,) if stage else ()  # the final stage keeps the draws it always had
         self.generator = torch.Generator()  # re-seeded from (seed, step, rank, stage) before every step
         self.step, self.best = 0, -1.0
+        # wall seconds of training in earlier segments of this run (a resumed run's checkpoint carries them), and
+        # when this segment's training started: results.json then gives the total over every segment
+        self.earlier_s, self.segment_t0 = 0.0, None
         self.rank, self.world = distributed.rank_world()
         method.early_backward = self.world == 1
         self.model = method  # what the step is called through: DDP averages the gradients across ranks
@@ -132,7 +135,7 @@ class Trainer:
                 "best": self.best, "model": self.method.state_dict(),
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-                "rng": rng_state(),
+                "rng": rng_state(), "elapsed_s": self.elapsed_s(),
                 "in_channels": self.data.in_channels, "num_classes": self.method.num_classes}
 
     def save(self, name: str) -> None:
@@ -147,6 +150,12 @@ class Trainer:
             s.load_state_dict(payload["schedulers"][k])
         set_rng_state(payload["rng"])
         self.step, self.best = int(payload["step"]), float(payload["best"])
+        self.earlier_s = float(payload.get("elapsed_s", 0.0))  # checkpoints of older versions lack it
+
+    def elapsed_s(self) -> float:
+        """Wall seconds spent training this stage so far, over every segment of the run."""
+        now = 0.0 if self.segment_t0 is None else time.perf_counter() - self.segment_t0
+        return self.earlier_s + now
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -168,7 +177,7 @@ class Trainer:
     def fit(self, *, resume: bool = False) -> dict:
         last = self.ckpt_dir / "last.pt"
         if resume and (last.exists() or previous_path(last).exists()):
-            self.restore(load_checkpoint(last))
+            self.restore(load_checkpoint(last, action="resuming from"))
             if self.rank == 0:
                 truncate_log(self.run_dir / "log.jsonl", self.step)
         tc = self.cfg["train"]
@@ -177,7 +186,7 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=self.step, desc=self.run_dir.name, dynamic_ncols=True,
                    disable=not self.progress or self.rank != 0)
         self.method.train()
-        t0 = time.perf_counter()
+        t0 = self.segment_t0 = time.perf_counter()
         try:
             while self.step < self.steps:
                 batch = self.labelled.batch(self.step, tc["batch_size"], rank=self.rank)
@@ -225,7 +234,7 @@ class Trainer:
             if log is not None:
                 log.close()
                 writer.close()
-        return {"step": self.step, "best_val_dice": self.best}
+        return {"step": self.step, "best_val_dice": self.best, "earlier_s": self.earlier_s}
 
     def run_validation(self, writer, log) -> bool:
         """Validation Dice of each predictor; keeps best.pt by the best of them. True if it improved."""

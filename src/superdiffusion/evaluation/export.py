@@ -41,12 +41,14 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 from torch import Tensor, nn
 
+from ..checkpoint import first_sentence
 from ..errors import InputError
 from ..methods.base import Method
 from ..methods.baselines import CPS
 from ..methods.superdiffusion import CoTrain, DiffusionTeacher
 from ..nets.unet import NETS, SegNet, UNet
-from .predict import load_run
+from ..outputs import check_output_file
+from .predict import load_run, use_threads
 
 ARTEFACT_FORMAT = "superdiffusion-torchscript-v1"
 
@@ -390,12 +392,12 @@ def script_segmenter(method: Method, name: str, cfg: dict) -> torch.jit.ScriptMo
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None = None,
-               predictor: str | None = None) -> dict:
-    """Script the run's chosen (or the named) predictor and save it to `out`, which must not exist yet."""
-    out = Path(out)
-    if out.exists():
-        raise InputError(f"{out}: exists already; choose another --out (exports never overwrite)")
+               predictor: str | None = None, threads: int | None = None) -> dict:
+    """Script the run's chosen (or the named) predictor and save it to `out`, which must not exist yet, in a
+    folder that can be written (checked first). threads: torch's CPU threads (default: the run's train.threads)."""
+    out = check_output_file(out)
     run = load_run(run_dir, checkpoint=checkpoint, predictor=predictor)
+    use_threads(run.cfg, threads)
     run.method.to("cpu")
     cfg = run.cfg
     scripted = script_segmenter(run.method, run.predictor, cfg)
@@ -414,8 +416,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None =
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(scripted, str(tmp), _extra_files={"meta.json": json.dumps(meta, indent=1),
-                                                            "config.json": json.dumps(cfg)})
+            try:
+                torch.jit.save(scripted, str(tmp), _extra_files={"meta.json": json.dumps(meta, indent=1),
+                                                                "config.json": json.dumps(cfg)})
+            except (OSError, RuntimeError) as err:  # e.g. the disk filled up meanwhile
+                raise InputError(f"{out}: could not write the export ({first_sentence(err)})") from err
         try:
             os.link(tmp, out)  # fails if `out` appeared meanwhile: never overwrite
         except FileExistsError as err:

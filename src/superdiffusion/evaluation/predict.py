@@ -76,6 +76,9 @@ class LoadedRun:
         if case.image.shape[0] != channels or case.spatial_dims not in (2, 3) or (dims == 3 and case.spatial_dims != 3):
             raise InputError(f"{case.source}: image of shape {tuple(case.image.shape)} (channels first) does not fit "
                              f"this model ({channels} channel(s), {dims}D network)")
+        bad = int(np.size(case.image) - np.isfinite(case.image).sum())
+        if bad:  # NaN would pass the network silently: NaN probabilities and an all-background mask
+            raise InputError(f"{case.source}: image contains NaN or Inf values ({bad} voxel(s))")
         return case
 
     def probabilities(self, case: Case, predictor: str | None = None, fn: Callable | None = None) -> np.ndarray:
@@ -85,6 +88,17 @@ class LoadedRun:
         return predict_probabilities(fn, case, data_cfg=self.cfg["data"], dims=self.cfg["data"]["dims"],
                                      patch=self.cfg["train"]["patch"], overlap=ec["overlap"],
                                      sw_batch_size=ec["sw_batch_size"], device=self.device)
+
+
+def use_threads(cfg: dict, threads: int | None = None) -> int | None:
+    """Set torch's CPU threads to `threads`, else to the run's train.threads when set (torch's default otherwise:
+    one thread per core, which on a busy machine is many times slower than one). Returns the number set."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"--threads {threads!r}: must be a positive integer")
+    n = threads or cfg["train"].get("threads")
+    if n:
+        torch.set_num_threads(int(n))
+    return n
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str | None = None, predictor: str | None = None) -> LoadedRun:

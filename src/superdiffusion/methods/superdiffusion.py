@@ -177,7 +177,11 @@ class DiffusionTeacher(nn.Module):
         """image batch -> logits by inference mode (fixed | ddim | ensemble); unset values from the config."""
         c = self.dcfg
         mode, seed, t = mode or c["inference"], c["noise_seed"] if noise_seed is None else noise_seed, c["t_infer"]
-        steps, samples = steps or c["ddim_steps"], samples or c["ensemble"]
+        steps = c["ddim_steps"] if steps is None else steps
+        samples = c["ensemble"] if samples is None else samples
+        for name, value in (("steps", steps), ("samples", samples)):  # 0 is not "the default"
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"teacher {name}: {value!r} must be a positive integer")
         if mode == "fixed":
             return lambda x: self.predict_fixed(x, t=t, noise_seed=seed)
         if mode == "ddim":
