@@ -419,7 +419,9 @@ def _volumes_without_label(tmp_path: Path, n: int, missing: str) -> Path:
     return root
 
 
-def test_labelled_case_without_label_file(tmp_path, capsys):
+def test_case_without_label_file_is_unlabelled(tmp_path, capsys):
+    """A case without a label file joins the unlabelled pool (it could only fail as a labelled or validation
+    case); a split that then leaves no labelled training case is one error line, before a run folder exists."""
     split = make_split([f"synth{k:03d}" for k in range(6)], labelled=2, val=1, seed=0)
     missing = split["labelled"][0]
     root = _volumes_without_label(tmp_path, 6, missing)
@@ -429,9 +431,14 @@ def test_labelled_case_without_label_file(tmp_path, capsys):
         status = main(_train_argv(tmp_path / "run", overrides))
     except Exception as exc:  # the bug: a traceback instead of an InputError
         pytest.fail(f"uncaught {type(exc).__name__}: {exc}")
-    assert status == 2
-    _one_error_line(capsys, missing)
-    assert not (tmp_path / "run").exists()
+    assert status == 0
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert missing in split["unlabelled"] and missing not in split["labelled"] + split["val"]
+    for k in range(6):
+        (root / "labels" / f"synth{k:03d}.nii.gz").unlink(missing_ok=True)
+    assert main(_train_argv(tmp_path / "run2", overrides)) == 2
+    _one_error_line(capsys, "none of the 6 cases has a label file")
+    assert not (tmp_path / "run2").exists()
 
 
 def test_evaluate_run_on_a_case_without_label(trained, tmp_path, capsys):

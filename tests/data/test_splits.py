@@ -105,3 +105,17 @@ def test_resolve_count_rounding():
     assert resolve_count(0.3, 10, what="x") == 3
     assert resolve_count(0, 10, what="x", allow_zero=True) == 0
     assert resolve_count(10, 10, what="x") == 10
+
+
+def test_label_less_cases_only_ever_unlabelled():
+    plain = make_split(IDS, labelled=4, val=5, seed=3)
+    assert make_split(IDS, labelled=4, val=5, seed=3, label_less=set()) == plain  # unchanged without them
+    no_label = {f"case{i:02d}" for i in range(12)}
+    for seed in range(5):
+        split = make_split(IDS, labelled=0.5, val=2, seed=seed, label_less=no_label)
+        assert no_label <= set(split["unlabelled"]) and len(split["val"]) == 2 and len(split["labelled"]) == 3
+        assert not no_label & set(split["val"] + split["labelled"])
+    with pytest.raises(InputError, match="leaves no training case out of 8 with a label file"):
+        make_split(IDS, labelled=1, val=8, label_less=no_label)
+    with pytest.raises(InputError, match="none of the 20 cases has a label file"):
+        make_split(IDS, labelled=1, label_less=set(IDS))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import merge, parse_sets, read_stored_config
-from ..data.pipeline import case_ids, load_cases
+from ..data.pipeline import case_ids, label_less_ids, load_cases
 from ..data.splits import make_split
 from ..engine.run import DONE, check_config, config_changes, train_run
 from ..engine.trainer import NonFiniteLossError
@@ -171,6 +171,7 @@ def plan(protocol: Protocol, methods: list[str], ablations: list[Ablation], frac
 def check_plan(bench: Bench) -> None:
     """Before any training: folders hold the same configs, splits are possible, data are listed."""
     listed: dict[str, list[str]] = {}
+    no_label: dict[str, set[str]] = {}
     for spec in bench.runs():
         cfg, run_dir = spec.cfg, spec.run_dir
         stored = run_dir / "config.yaml"
@@ -185,8 +186,9 @@ def check_plan(bench: Bench) -> None:
         key = json.dumps(cfg["data"], sort_keys=True)
         if key not in listed:
             listed[key] = case_ids(cfg["data"])  # lists the training data (nothing read yet)
+            no_label[key] = label_less_ids(cfg["data"])
         split = make_split(listed[key], labelled=cfg["split"]["labelled"], val=cfg["split"]["val"],
-                           seed=cfg["split"]["seed"])
+                           seed=cfg["split"]["seed"], label_less=no_label[key])
         cls = method_class(cfg["method"])
         if cls.uses_unlabelled and not getattr(cls, "all_labelled", False) and not split["unlabelled"]:
             raise InputError(f"{spec.label} at fraction {spec.fraction:g}: no unlabelled case is left "

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from .plan import add_data_options, add_plan_parser, bench_protocol, cmd_plan, train_config
 
 THREADS_HELP = "torch CPU threads (default: the run's train.threads, else torch's one per core)"
 EPILOG = "Configs shipped with the package can be named without a path, e.g. `superdiffusion train demo`."
@@ -24,14 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a method from a YAML config into a run folder",
                        description="Train cfg.method (supervised, superdiffusion, ...) and evaluate it on the "
                                    "validation split carved from the training cases.")
-    t.add_argument("config", help="YAML config file, or the name of a shipped config (demo, la2d-supervised, ...)")
+    t.add_argument("config", nargs="?",
+                   help="YAML config file, or the name of a shipped config (demo, la2d-supervised, ...); or --data")
+    add_data_options(t, data_help="dataset folder to plan the config for instead of CONFIG (nnU-Net's dataset.json + "
+                                  "imagesTr/, images/ + labels/, ...; `superdiffusion plan` shows the plan)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=200 --set data.root=/data/LA "
                         "(repeatable; values are parsed as YAML)")
-    t.add_argument("--out", help="run folder (default: runs/<config name>); must be new unless --resume")
+    t.add_argument("--out", help="run folder (default: runs/<config name>, or runs/<DIR name> with --data); must be "
+                                 "new unless --resume")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (the config must be the same)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
+    add_plan_parser(sub)
 
     e = sub.add_parser("evaluate", help="metrics of a run on labelled cases, or of mask files against mask files",
                        description="Either RUN --data DIR [--list FILE] (predict then score), or --pred DIR --gt "
@@ -92,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes results.csv (per case), summary.md (mean ± std over seeds, Wilcoxon "
                                    "tests vs superdiffusion), PNG plots and the run folders into --out. Re-running "
                                    "the same command skips finished runs and resumes interrupted ones.")
-    b.add_argument("--protocol", required=True, metavar="NAME",
-                   help="shipped protocol (la2d, la3d-cpu, la3d-full, synthetic) or a protocol YAML file")
+    b.add_argument("--protocol", metavar="NAME",
+                   help="shipped protocol (la2d, la3d-cpu, la3d-full, synthetic) or a protocol YAML file; or --data")
+    add_data_options(b, options=("dims",), data_help="dataset folder to plan a protocol for instead of --protocol "
+                                                     "(written into --out as <DIR name>.yaml)")
     b.add_argument("--methods", metavar="A,B,...",
                    help="comma-separated methods (supervised, fully-supervised, mean-teacher, ua-mt, cps, bcp, "
                         "superdiffusion, ...); default: the protocol's list")
@@ -208,13 +216,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args) -> int:
     from ..checkpoint import CheckpointWriteError
-    from ..config import load_config
     from ..engine import distributed
     from ..engine.run import mean_table, train_run
     from ..engine.trainer import NonFiniteLossError
 
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out or Path("runs") / Path(args.config).name.removesuffix(".yaml"))
+    cfg, out = train_config(args)
     try:
         results = train_run(cfg, out, resume=args.resume, progress=not args.no_progress)
     except (NonFiniteLossError, CheckpointWriteError) as err:
@@ -276,7 +282,7 @@ def cmd_bench(args) -> int:
     from ..bench import run_bench
 
     try:
-        bench = run_bench(args.protocol, out=args.out, methods=args.methods, fractions=args.fractions,
+        bench = run_bench(bench_protocol(args), out=args.out, methods=args.methods, fractions=args.fractions,
                           seeds=args.seeds, ablation=args.ablation, train_data=args.train_data,
                           train_list=args.train_list, test_data=args.test_data, test_list=args.test_list,
                           steps=args.steps, overrides=args.overrides, progress=not args.no_progress,
@@ -311,5 +317,5 @@ def cmd_bench_speed(args) -> int:
     return run_from_args(args)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
             "bench": cmd_bench, "export": cmd_export, "bench-speed": cmd_bench_speed, "report": cmd_report}

@@ -19,7 +19,7 @@ from scipy import ndimage
 from ..errors import InputError
 from .case import Case, CaseRef
 from .perturb import PhotometricView
-from .readers import NNUNET_CHANNEL, discover, load_case, read_dataset_json
+from .readers import NNUNET_CHANNEL, discover, layout_hint, load_case, read_dataset_json
 from .splits import make_split
 from .synthetic import make_synthetic_dataset
 
@@ -176,17 +176,34 @@ def load_cases(data_cfg: dict, ids: list[str] | None = None, *, with_label: bool
 
 def case_ids(data_cfg: dict) -> list[str]:
     if data_cfg["format"] == "synthetic":
+        if data_cfg["root"]:  # a shipped synthetic config (demo) pointed at a folder would silently ignore it
+            hint = layout_hint(data_cfg["root"], "synthetic") or "; set data.format (la, volumes, nnunet, folders, ...)"
+            raise InputError(f"data.root {data_cfg['root']} is set, but data.format is synthetic (the built-in data: "
+                             f"no folder is read){hint}")
         return [f"synth{i:03d}" for i in range(data_cfg["synthetic"]["cases"])]
     return [r.id for r in list_refs(data_cfg)]
+
+
+def label_less_ids(data_cfg: dict) -> set[str]:
+    """Cases without a label file: the split can only make them unlabelled."""
+    return set() if data_cfg["format"] == "synthetic" else {r.id for r in list_refs(data_cfg) if r.label is None}
+
+
+def split_cases(cfg: dict) -> dict:
+    """The run's split (cases without a label file always unlabelled)."""
+    return make_split(case_ids(cfg["data"]), labelled=cfg["split"]["labelled"], val=cfg["split"]["val"],
+                      seed=cfg["split"]["seed"], label_less=label_less_ids(cfg["data"]))
 
 
 def build_data(cfg: dict, *, all_labelled: bool = False) -> DataBundle:
     """Split, then load every case (labelled and validation with labels, unlabelled without)."""
     data_cfg = cfg["data"]
-    split = make_split(case_ids(data_cfg), labelled=cfg["split"]["labelled"], val=cfg["split"]["val"],
-                       seed=cfg["split"]["seed"])
-    if all_labelled:  # the fully supervised upper bound: every training case is labelled, same validation
-        split["labelled"], split["unlabelled"] = sorted(split["labelled"] + split["unlabelled"]), []
+    split = split_cases(cfg)
+    if all_labelled:  # the fully supervised upper bound: every training case with a label is labelled, same val
+        no_label = label_less_ids(data_cfg)
+        pool = split["labelled"] + split["unlabelled"]
+        split["labelled"] = sorted(i for i in pool if i not in no_label)
+        split["unlabelled"] = sorted(i for i in pool if i in no_label)
     labelled = require_labels(load_cases(data_cfg, split["labelled"]))
     unlabelled = load_cases(data_cfg, split["unlabelled"], with_label=False) if split["unlabelled"] else []
     val = require_labels(load_cases(data_cfg, split["val"])) if split["val"] else []

@@ -150,7 +150,8 @@ def read_dataset_json(root: Path) -> dict:
 
     path = root / "dataset.json"
     if not path.is_file():
-        raise InputError(f"{root}: no dataset.json (format nnunet is nnU-Net v2's raw layout)")
+        raise InputError(f"{root}: no dataset.json (format nnunet is nnU-Net v2's raw layout)"
+                         f"{layout_hint(root, 'nnunet')}")
     with _reading(path):
         spec = json.loads(path.read_text())
     for key in ("channel_names", "labels", "file_ending"):
@@ -260,6 +261,49 @@ def _read_list(list_file: str | Path, root: Path) -> tuple[Path, list[str]]:
     return path, ids
 
 
+def find_cases(fmt: str, root: Path, subset: str | None = None) -> dict[str, CaseRef]:
+    """id -> CaseRef of the cases format `fmt` finds in `root` (maybe none): discovery without the checks."""
+    with _reading(root):
+        if fmt == "glas":
+            return _discover_glas(root, subset)
+        if fmt == "nnunet":
+            return _discover_nnunet(root, subset)
+        return {"la": _discover_la, "volumes": _discover_volumes, "folders": _discover_folders,
+                "ph2": _discover_ph2}[fmt](root)
+
+
+LAYOUTS = {"nnunet": "nnU-Net raw dataset (dataset.json, imagesTr/, labelsTr/)",
+           "la": "LA (<case>/mri_norm2.h5)", "ph2": "PH2 dermoscopy", "glas": "GlaS histology",
+           "volumes": "volumes (images/ + labels/)", "folders": "2D images (images/ + labels/)"}
+
+
+def detect_format(root: str | Path) -> str | None:
+    """The data.format whose reader finds cases in `root` (nnunet wherever a dataset.json is), or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    if (root / "dataset.json").is_file():
+        return "nnunet"
+    for fmt in ("la", "ph2", "glas", "volumes", "folders"):
+        try:
+            if find_cases(fmt, root):
+                return fmt
+        except (InputError, OSError):
+            continue
+    return None
+
+
+def layout_hint(root: str | Path, fmt: str, *, listed: bool = False) -> str:
+    """'; DIR has ...: --set data.format=X (or ...)' where `root` fits another format than `fmt`, else ''
+    (`listed`: the config names a list file, which the other layout lacks)."""
+    found = detect_format(root)
+    if found is None or found == fmt:
+        return ""
+    what = "has a dataset.json" if found == "nnunet" else f"holds {LAYOUTS[found]}"
+    unlist = " --set data.list=null" if listed else ""
+    return f"; {root} {what}: --set data.format={found}{unlist} (or `superdiffusion train --data {root}`)"
+
+
 def discover(
     fmt: str, root: str | Path, list_file: str | Path | None = None, subset: str | None = None
 ) -> list[CaseRef]:
@@ -278,17 +322,9 @@ def discover(
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: data root {'is not a folder' if root.exists() else 'does not exist'}")
-    with _reading(root):
-        found = (
-            {
-                "la": _discover_la,
-                "volumes": _discover_volumes,
-                "folders": _discover_folders,
-                "ph2": _discover_ph2,
-            }[fmt](root)
-            if fmt not in ("glas", "nnunet")
-            else _discover_glas(root, subset) if fmt == "glas" else _discover_nnunet(root, subset)
-        )
+    found = find_cases(fmt, root, subset)
+    if not found:  # before the list file: a folder of another layout is the likelier fault (a shipped config's)
+        raise InputError(f"no cases found in {root} (format {fmt}){layout_hint(root, fmt, listed=bool(list_file))}")
     if list_file is not None:
         list_path, ids = _read_list(list_file, root)
         missing = [i for i in ids if i not in found]

@@ -24,10 +24,14 @@ def resolve_count(value: float | int, total: int, *, what: str, allow_zero: bool
     return count
 
 
-def make_split(ids: list[str], *, labelled: float | int, val: float | int = 0.0, seed: int = 0) -> dict:
+def make_split(ids: list[str], *, labelled: float | int, val: float | int = 0.0, seed: int = 0,
+               label_less: set[str] | frozenset[str] = frozenset()) -> dict:
     """{"val", "labelled", "unlabelled"}: validation carved first, labelled taken from the rest.
 
-    A labelled fraction is a fraction of the training cases (the ids left after validation).
+    A labelled fraction is a fraction of the training cases (the ids left after validation). Cases in
+    `label_less` (no label file: nnU-Net imagesTr entries without labelsTr, images without a mask) can only be
+    unlabelled: validation and labelled cases are drawn from the others (fractions of them), in the order the seed
+    gives every case, so a dataset without label-less cases splits exactly as before.
     """
     if not ids:
         raise InputError("the dataset is empty: no case to split")
@@ -35,13 +39,18 @@ def make_split(ids: list[str], *, labelled: float | int, val: float | int = 0.0,
         raise InputError("duplicate case ids in the dataset")
     order = sorted(ids)
     np.random.default_rng(seed).shuffle(order)
-    n_val = resolve_count(val, len(order), what="val", allow_zero=True)
-    if n_val >= len(order):
-        raise InputError(f"split.val: {val!r} leaves no training case out of {len(order)}")
-    val_ids, train_ids = order[:n_val], order[n_val:]
+    pool = [i for i in order if i not in label_less]
+    if not pool:
+        raise InputError(f"none of the {len(order)} cases has a label file: training needs at least one")
+    n_val = resolve_count(val, len(pool), what="val", allow_zero=True)
+    if n_val >= len(pool):
+        raise InputError(f"split.val: {val!r} leaves no training case out of {len(pool)}"
+                         + (" with a label file" if label_less else ""))
+    val_ids, train_ids = pool[:n_val], pool[n_val:]
     n_lab = resolve_count(labelled, len(train_ids), what="labelled")
+    unlabelled = train_ids[n_lab:] + [i for i in order if i in label_less]
     return {"val": sorted(val_ids), "labelled": sorted(train_ids[:n_lab]),
-            "unlabelled": sorted(train_ids[n_lab:]), "seed": seed}
+            "unlabelled": sorted(unlabelled), "seed": seed}
 
 
 def write_split(split: dict, path: str | Path) -> None:
