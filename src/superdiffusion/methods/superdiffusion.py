@@ -300,12 +300,21 @@ class CoTrain(Method):
         self.sup_loss = supervised_loss(cfg)
         if superdiffusion_fraction(sd, "ema", " (0: no EMA student)") and sd["student"] != "unet":
             raise InputError("superdiffusion.ema: needs superdiffusion.student unet (the twin takes a noised mask)")
-        target = superdiffusion_choice(sd, "student_target", ("consensus", "ema", "fill"))
+        target = superdiffusion_choice(sd, "student_target", ("consensus", "ema", "fill", "rectified"))
         if target != "consensus" and not sd["ema"]:
             raise InputError(f"superdiffusion.student_target: {target} needs an EMA student (superdiffusion.ema > 0)")
         if target == "fill" and not sd["confidence"]:
             raise InputError("superdiffusion.student_target: fill needs superdiffusion.confidence > 0 (it fills in "
                              "the pixels where the EMA student is not confident)")
+        if not isinstance(sd["rectify"], int) or not 0 <= sd["rectify"] < cfg["diffusion"]["timesteps"]:
+            raise InputError(f"superdiffusion.rectify: {sd['rectify']!r} must be an integer timestep in "
+                             f"[0, {cfg['diffusion']['timesteps']}) (0: off)")
+        if sd["rectify"] and not (sd["ema"] and self.uses_teacher):
+            raise InputError("superdiffusion.rectify: refines the EMA student's labels with the teacher's mask "
+                             "pathway; needs superdiffusion.ema > 0 and a teacher")
+        if target == "rectified" and not sd["rectify"]:
+            raise InputError("superdiffusion.student_target: rectified needs superdiffusion.rectify > 0")
+        superdiffusion_fraction(sd, "rectify_after")
         # an exponential moving average of the student: its pseudo-labels, not the student's own (Mean Teacher)
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if sd["ema"] else None
         # no layer normalises over the batch (instance norm): images may share passes without changing each other
@@ -343,6 +352,15 @@ class CoTrain(Method):
         T = self.teacher
         return T.mask_logits(x, T.diffusion.sample_timesteps(len(x), generator=generator),
                              T.randn_like_mask(x, generator))
+
+    def rectifier_logits(self, x: Tensor, prob: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """The mask pathway as a rectifier: a soft label (class probabilities) of x noised at t -> clean-mask logits."""
+        return self.teacher.mask_logits(x, t, noise, mask=to_signal(prob))
+
+    def rectified(self, x: Tensor, prob: Tensor, generator: torch.Generator | None) -> Tensor:
+        """A soft label refined in one x0 pass from rectify / 2 (SDEdit-style): class probabilities."""
+        t = torch.full((len(x),), self.cfg["superdiffusion"]["rectify"] // 2, dtype=torch.long, device=x.device)
+        return torch.softmax(self.rectifier_logits(x, prob, t, self.teacher.randn_like_mask(x, generator)), 1)
 
     def unlabelled_weight(self, step: int, total_steps: int) -> float:
         """w(step): the final unlabelled weight, ramped linearly from 0 (the reference's (e + 1) / E)."""
@@ -428,18 +446,25 @@ class CoTrain(Method):
         labellers = (own,) if self.teacher is None else (self.teacher, own)  # whose outputs become labels
         # the teacher's own labels, where anything reads them: the student's target (without an EMA, or unless it is
         # the EMA's alone) or the unlabelled images' rounds; `ema` without rounds reads none, so no pass is made
-        teacher_labels = self.teacher is not None and (self.ema is None or sd["student_target"] != "ema"
+        teacher_labels = self.teacher is not None and (self.ema is None or sd["student_target"] in ("consensus", "fill")
                                                        or bool(sd["rounds"] and teach))
+        rectify = bool(sd["rectify"])
+        rectifying = sd["student_target"] == "rectified" and step >= sd["rectify_after"] * total_steps
         with torch.no_grad(), evaluating(*labellers) if clean else nullcontext():  # they learn nothing here
             u_t = (self.teacher_logits(x_u, generator) if view or clean or not teach else t_v) if teacher_labels \
                 else None
-            if self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
+            if self.ema is not None and rectify and teach:  # the rectifier learns from the EMA's labelled labels too
+                prob_el, prob_s = torch.softmax(forward_batch_stats(self.ema, torch.cat([x_l, x_u])), 1).split(
+                    [len(x_l), len(x_u)])
+            elif self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
                 prob_s = torch.softmax(forward_batch_stats(self.ema, x_u), 1)
             else:
                 prob_s = torch.softmax((self.student_logits(x_u, generator) if view or clean else s_v).detach(), 1)
             prob_t = torch.softmax(u_t.detach(), 1) if u_t is not None else prob_s  # no teacher: its own (FixMatch)
             if self.ema is not None and u_t is not None and sd["student_target"] != "fill":  # fill: the teacher's own
                 prob_t = (prob_t + prob_s) / 2 if sd["student_target"] == "consensus" else prob_s
+            if rectifying:  # the EMA's labels refined by the mask pathway (before rectify_after: the EMA's alone)
+                prob_t = self.rectified(x_u, prob_s, generator)
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
         if sd["student_target"] == "fill":  # the EMA's label where it is sure, else the teacher's where it is
             pseudo_t = pseudo_s.where(pseudo_s != IGNORE, pseudo_t)
@@ -450,9 +475,13 @@ class CoTrain(Method):
         if teach:
             out["sup"] = out["sup"] + self.sup_loss(t_l, y)
             out["cps"] = out["cps"] + self.pseudo_loss(t_v, mix_s)
+        if teach and rectify:  # the mask pathway learns to turn the EMA's noised soft label into the true one
+            t_r = torch.randint(0, sd["rectify"] + 1, (len(x_l),), generator=generator).to(x_l.device)
+            out["rect"] = self.sup_loss(self.rectifier_logits(x_l, prob_el, t_r,
+                                                              self.teacher.randn_like_mask(x_l, generator)), y)
         w, lam = early if early else (None, None)
         if early:
-            (out["sup"] + w * out["cps"]).backward()
+            (out["sup"] + out.get("rect", 0) + w * out["cps"]).backward()
         if sd["rounds"] and teach:
             out["rec"], out["align"] = self.rounds(x_l[:n], t_l[:n], y[:n], generator, lam)
             out["rec_u"], out["align_u"] = self.rounds(x_u[:n], u_t[:n], pseudo_s[:n], generator,
@@ -466,6 +495,8 @@ class CoTrain(Method):
         terms = self.losses(batch, step=step, total_steps=total_steps, generator=generator,
                             early=(w, lam) if self.early_backward else None)
         labelled, unlabelled = terms["sup"], terms["cps"]  # detached (already back-propagated) when early
+        if "rect" in terms:
+            labelled = labelled + terms["rect"]
         if "rec" in terms:  # lambda / R per round == lambda times the per-round mean
             labelled = labelled + lam * (terms["rec"] + terms["align"])
             unlabelled = unlabelled + lam * (terms["rec_u"] + terms["align_u"])
@@ -498,6 +529,8 @@ class CoTrain(Method):
             out["teacher"] = lambda x: torch.softmax(self.teacher_logits(x, g), 1)
             if self.ema is not None and self.cfg["superdiffusion"]["student_target"] == "consensus":
                 out["consensus"] = lambda x: (out["ema"](x) + out["teacher"](x)) / 2
+            if self.cfg["superdiffusion"]["rectify"]:
+                out["rectified"] = lambda x: self.rectified(x, out["ema"](x), g)
         return out
 
     def _twin_fixed(self, x: Tensor) -> Tensor:
