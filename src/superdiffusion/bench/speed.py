@@ -55,6 +55,7 @@ PROFILES: dict[str, dict] = {
 }
 # (row name, method, overrides): the co-training step is CoTrain's (SuperDiffusion = pre-training + it)
 TRAIN_ROWS = [("supervised", "supervised", []), ("pretrain", "pretrain", []), ("cps", "cps", []),
+              ("unimatch", "unimatch", []), ("fixmatch", "fixmatch", []),
               ("superdiffusion R=0", "cotrain", ["superdiffusion.rounds=0"]),
               ("superdiffusion R=3", "cotrain", ["superdiffusion.rounds=3"]),
               ("superdiffusion R=5", "cotrain", ["superdiffusion.rounds=5"])]
@@ -179,7 +180,7 @@ def train_row(spec: dict) -> dict:
     batch = {"image": _images(bl, shape, variant, device, 1),
              "label": torch.randint(0, cfg["data"]["num_classes"], (bl, *shape),
                                     generator=torch.Generator().manual_seed(2)).to(device),
-             "unlabelled": _images(bu, shape, variant, device, 3)}
+             "unlabelled": _images(bu * method.unlabelled_draws, shape, variant, device, 3)}  # UniMatch: 2 draws
     generator, step = torch.Generator().manual_seed(0), [0]
 
     method.early_backward = True  # as the single-process trainer runs it

@@ -192,7 +192,7 @@ class Trainer:
                 batch = self.labelled.batch(self.step, tc["batch_size"], rank=self.rank)
                 if self.unlabelled is not None:
                     batch["unlabelled"] = self.unlabelled.batch(  # UniMatch draws two batches (its CutMix partners)
-                        self.step, tc["unlabelled_batch_size"] * getattr(self.method, "unlabelled_draws", 1),
+                        self.step, tc["unlabelled_batch_size"] * self.method.unlabelled_draws,
                         rank=self.rank)["image"]
                 batch = {k: self.to_device(v) for k, v in batch.items()}
                 self.generator.manual_seed(hash_seed(self.seed, self.step, self.rank, *self.stage_key))

@@ -24,6 +24,7 @@ class Method(nn.Module):
 
     name = "method"
     uses_unlabelled = False  # whether the trainer must feed an unlabelled stream ("unlabelled" key)
+    unlabelled_draws = 1  # unlabelled batches per step (UniMatch: 2, its CutMix partners the second)
     # the config sections only the diffusion methods read: a change there leaves other methods' runs as they are
     reads_diffusion = False
     # Set by the trainer when gradients are zeroed before the step and no DDP reducer waits for a single
