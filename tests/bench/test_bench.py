@@ -242,3 +242,19 @@ def test_output_folder_layout(main_bench):
     """The output folder holds the tables, the figures and the run folders, nothing else."""
     names = {p.name for p in main_bench.iterdir()}
     assert names == {"results.csv", "summary.md", "dice_vs_fraction.png", "val_curves.png", "qualitative.png", "runs"}
+
+
+def test_pseudo_label_monitor_figure(tmp_path):
+    """With eval.monitor_pseudo_labels the bench draws each labeller's pseudo-label Dice (pseudo_labels.png) from the
+    runs' `pl_<labeller>_dice` log entries, and summary.md lists the figure."""
+    from superdiffusion.bench.figures import read_pseudo_labels
+
+    out = tmp_path / "out"
+    assert bench(out, "--methods", "fixmatch", "--fractions", "0.25", "--seeds", "0",
+                 "--set", "eval.monitor_pseudo_labels=8", "--set", "superdiffusion.ema=0.9") == 0
+    run = next((out / "runs").glob("fixmatch/frac0.25/seed0"))
+    curves = read_pseudo_labels(run)
+    assert set(curves) == {"ema"} and [s for s, _ in curves["ema"]] == [10, 20]
+    assert all(0 <= d <= 1 for _, d in curves["ema"])
+    assert_png(out / "pseudo_labels.png")
+    assert "`pseudo_labels.png`" in (out / "summary.md").read_text()

@@ -42,6 +42,7 @@ def write_figures(bench, rows: list[dict]) -> None:
         ablation_bars(seed_stats(picked, key), keys, bench.fractions, bench.out / f"ablation_{a.name}.png",
                       f"{bench.protocol.name}, ablation {a.name}: {what}")
     validation_curves(bench, bench.out / "val_curves.png")
+    pseudo_label_curves(bench, bench.out / "pseudo_labels.png")
     qualitative(bench)
 
 
@@ -77,6 +78,47 @@ def validation_curves(bench, path: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("validation Dice (monitoring only)")
     ax.set_title(f"{bench.protocol.name}: validation Dice during training, one line per run and seed", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
+def read_pseudo_labels(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{labeller: [(step, Dice of its pseudo-labels against the withheld labels)]} from log.jsonl's `pl_<labeller>_dice`
+    entries (eval.monitor_pseudo_labels); {} for a run without the monitor."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for entry in log_entries(run_dir / "log.jsonl"):
+        for k, v in entry.items():
+            if k.startswith("pl_") and k.endswith("_dice"):
+                curves.setdefault(k[3:-5], []).append((int(entry["step"]), float(v)))
+    return curves
+
+
+def pseudo_label_curves(bench, path: Path) -> Path | None:
+    """The pseudo-label monitor: each labeller's pseudo-label Dice on unlabelled slices against their withheld
+    labels, one line per run (colour = method, fraction and labeller): which labels the student learns from, and
+    how good they are. Monitoring only; those labels never reach a loss."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    colours: dict[str, str] = {}
+    cycle = iter([f"C{i % 10}" for i in range(1000)])
+    for spec in bench.runs():
+        if not (spec.run_dir / "DONE").is_file():
+            continue
+        frac = "all" if spec.run_dir.parent.name == "fracall" else f"{spec.fraction:g}"
+        for labeller, curve in read_pseudo_labels(spec.run_dir).items():
+            name = f"{spec.label}, {frac}: {labeller}"
+            first = name not in colours
+            x, y = zip(*curve)
+            ax.plot(x, y, marker="o", ms=3, color=colours.setdefault(name, next(cycle)), alpha=0.8,
+                    label=name if first else None)
+    if not colours:
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("pseudo-label Dice vs withheld labels")
+    ax.set_title(f"{bench.protocol.name}: pseudo-label quality on unlabelled slices, one line per run and seed",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

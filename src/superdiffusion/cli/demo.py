@@ -1,5 +1,7 @@
-"""`superdiffusion demo`: the supervised baseline and SuperDiffusion on the built-in synthetic data,
-same labelled cases, same validation split, same co-training step budget, side by side."""
+"""`superdiffusion demo`: the supervised baseline, the teacher-less control (`fixmatch`: SuperDiffusion's
+student path with no diffusion teacher) and SuperDiffusion on the built-in synthetic data, same labelled cases,
+same validation split, same co-training step budget, side by side: what SuperDiffusion gains over supervised,
+and how much of it the diffusion teacher adds over the control."""
 
 from __future__ import annotations
 
@@ -13,13 +15,18 @@ from ..config import load_config
 from ..engine.run import mean_table, train_run
 
 COLUMNS = ("dice", "jaccard", "hd95", "asd")
+METHODS = ("supervised", "fixmatch", "superdiffusion")
+NAMES = {"supervised": "supervised", "fixmatch": "the teacher-less control", "superdiffusion": "SuperDiffusion"}
 
 
 def run_demo(out: Path, *, steps: int | None = None, progress: bool = True) -> dict[str, dict]:
-    """Train both methods (resuming finished or interrupted demo runs), print and save a table."""
+    """Train the three methods (resuming finished or interrupted demo runs), print and save a table."""
     rows, per_case = {}, {}
-    for method in ("supervised", "superdiffusion"):
-        overrides = [f"method={method}"] + ([f"train.steps={steps}"] if steps else [])
+    for method in METHODS:
+        overrides = [f"method={method}"]
+        if steps:  # a quick look: pre-training capped too, as `bench --steps` caps it
+            pretrain = load_config("demo")["superdiffusion"]["pretrain_steps"]
+            overrides += [f"train.steps={steps}", f"superdiffusion.pretrain_steps={min(pretrain, steps)}"]
         cfg = load_config("demo", overrides)
         run_dir = out / method
         if (run_dir / "DONE").is_file() and (run_dir / "results.json").is_file():
@@ -32,18 +39,21 @@ def run_demo(out: Path, *, steps: int | None = None, progress: bool = True) -> d
     split = results["split"]
     table = format_table(rows, n_lab=len(split["labelled"]), n_unlab=len(split["unlabelled"]),
                          n_val=len(split["val"]), seed=cfg["seed"], checkpoint=results["checkpoint_rule"])
-    table += "\n\n" + gain_line(per_case["superdiffusion"], per_case["supervised"])
+    table += "\n\n" + "\n".join(gain_line(per_case[a], per_case[b], NAMES[a], NAMES[b]) for a, b in
+                                  [("superdiffusion", "supervised"), ("fixmatch", "supervised"),
+                                   ("superdiffusion", "fixmatch")])
     print(table)
     (out / "summary.md").write_text(table + "\n")
     return rows
 
 
-def gain_line(method: dict[str, float], reference: dict[str, float]) -> str:
-    """SuperDiffusion's Dice minus supervised's, per validation case (paired), in one sentence."""
+def gain_line(method: dict[str, float], reference: dict[str, float], name: str = "SuperDiffusion",
+              reference_name: str = "supervised") -> str:
+    """One method's Dice minus another's, per validation case (paired), in one sentence."""
     d = np.array([method[c] - reference[c] for c in sorted(set(method) & set(reference))])
-    verdict = "gains" if d.mean() > 0 else "loses"
-    return (f"SuperDiffusion {verdict} {d.mean():+.3f} Dice over supervised: better on {int((d > 0).sum())} of "
-            f"{len(d)} validation cases (paired Wilcoxon p = {wilcoxon_p(d)}).")
+    verdict = f"gains {d.mean():+.3f} Dice over" if d.mean() > 0 else f"loses {-d.mean():.3f} Dice to"
+    return (f"{name[0].upper() + name[1:]} {verdict} {reference_name}: better on "
+            f"{int((d > 0).sum())} of {len(d)} validation cases (paired Wilcoxon p = {wilcoxon_p(d)}).")
 
 
 def format_table(rows: dict[str, dict], *, n_lab: int, n_unlab: int, n_val: int, seed: int, checkpoint: str) -> str:
