@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder (re-use it to resume a benchmark)")
     b.add_argument("--ablation", metavar="NAME[,NAME]",
                    help="also run the protocol's ablation variants as extra methods with their own table and "
-                        "plot, e.g. teacher (cycle pre-trained vs not; teacher vs student predictions), rounds "
-                        "(R, independent vs chained) or, in la2d, dropout (supervised with the baselines' dropout)")
+                        "plot; la2d: recipe (the paper's own SuperDiffusion recipe), target, labeller, dropout "
+                        "(supervised without the encoder dropout); synthetic: teacher, rounds")
     b.add_argument("--train-data", metavar="DIR", help="training dataset folder (default: the protocol's data.root)")
     b.add_argument("--train-list", metavar="FILE",
                    help="list of training case ids (default: the protocol's list with its data, every case "
