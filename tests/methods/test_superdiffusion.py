@@ -68,6 +68,14 @@ def _teacher(dims: int, channels=(4, 8), seed: int = 0) -> DiffusionTeacher:
                             diffusion_cfg=cfg["diffusion"])
 
 
+def test_teacher_predictor_refuses_zero_steps_or_samples_instead_of_using_the_default():
+    T = _teacher(2)
+    assert callable(T.predictor("ensemble", samples=2)) and callable(T.predictor("ddim", steps=1))
+    for options in ({"samples": 0}, {"steps": 0}, {"samples": -1}):
+        with pytest.raises(InputError, match="must be a positive integer"):
+            T.predictor("ensemble", **options)
+
+
 # ---- 1. teacher shapes -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("dims", "shape"), [(2, (32, 32)), (3, (16, 16, 16))])
