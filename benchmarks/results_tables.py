@@ -1,6 +1,6 @@
 """The bench summary's tables recomputed from a results.csv alone (no run folders needed).
 
-Why: an evidence folder's results.csv gathers rows from several benches (runs made in later sessions are appended
+Why: an evidence folder's results.csv gathers rows from several benches (runs made in later benches are appended
 to it, their run folders gone); its summary.md, written by the bench that made the first runs, then lags. This
 prints, as markdown, the main table (mean ± std over seeds), the paired per-case Wilcoxon tests against supervised
 and against SuperDiffusion, and the wall time per run, from every row of the file.

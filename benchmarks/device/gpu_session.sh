@@ -14,7 +14,7 @@
 # SSL4MIS_JOBS and LA2D_JOBS their runs at a time, LA2D_ARGS adds bench options (e.g. --ablation weight),
 # LA2D_FROM / SSL4MIS_FROM (folders in the tree) hold the runs of a bench cut short to go on with.
 # MPS=1 (default) starts CUDA's multi-process service first: runs sharing the GPU then run their small kernels side
-# by side instead of in turns (session 21, six SSL4MIS-U-Net training steps at once: 330 steps/s together with it,
+# by side instead of in turns (2026-12-04, six SSL4MIS-U-Net training steps at once: 330 steps/s together with it,
 # 143 without; benchmarks/device/mps_probe.py); MPS=0 leaves it off.
 set -u
 PARTS=,${PARTS:-smoke,ssl4mis},

@@ -2,7 +2,7 @@
 sharing one GPU, on synthetic tensors already on the device (no data pipeline).
 
 Why: on one GPU, processes' kernels take turns unless CUDA's multi-process service (MPS) runs; this says how much
-running several benchmark runs at once gains, with and without it. Session 21, one H200: 77 steps/s alone, 143
+running several benchmark runs at once gains, with and without it. 2026-12-04, one H200: 77 steps/s alone, 143
 together in 6 processes, 330 together in 6 processes under MPS (measured with a hand-written foreground batch
 Dice in place of the protocol's loss used here; docs/evidence/la2d-ssl4mis-h200-partial/probe.txt).
 
