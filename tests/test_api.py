@@ -1,5 +1,5 @@
 """The documented Python API (`import superdiffusion as sd`): train a config, load the run, predict an array or a
-file, as the package docstring and the README show it."""
+file, as the package docstring and docs/USAGE.md show it."""
 
 from __future__ import annotations
 
