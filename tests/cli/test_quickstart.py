@@ -48,10 +48,10 @@ def test_quick_start_on_an_nnunet_folder(dataset, tmp_path, capsys):
     plan = capsys.readouterr().out
     assert "nnU-Net" in plan and "8: 1 validation, 5 labelled, 2 unlabelled" in plan, plan
 
-    assert main(["train", "--data", data, "--method", "fixmatch", "--out", run, "--no-progress", *_sets(TINY)]) == 0
+    assert main(["train", "--data", data, "--method", "unimatch", "--out", run, "--no-progress", *_sets(TINY)]) == 0
     out = capsys.readouterr()
     assert "layout:" in out.err and json.loads(out.out.strip().splitlines()[-1])["run"] == run
-    planned, _ = plan_config(dataset, method="fixmatch", overrides=TINY)
+    planned, _ = plan_config(dataset, method="unimatch", overrides=TINY)
     assert read_stored_config(tmp_path / "run" / "config.yaml") == planned  # the plan is the run's config
     assert set(json.loads((tmp_path / "run" / "split.json").read_text())["unlabelled"]) == {"blob06", "blob07"}
 
