@@ -240,7 +240,7 @@ def deep_update(base: dict, update: dict) -> None:
 # Keys whose default changed: a stored config without them was made with these values.
 LEGACY_DEFAULTS: dict[str, Any] = {"model.arch": "double-conv"}
 # Keys that no longer exist, with why: a stored config that has them still loads (its run was made with the old
-# behaviour, which docs/RESULTS.md describes where it reports such runs).
+# behaviour, which docs/HISTORY.md describes where it reports such runs).
 REMOVED_KEYS: dict[str, str] = {
     "superdiffusion.align_unlabelled": "the unlabelled images' round terms are always ramped by w, as the reference's",
     "superdiffusion.student_passes": "labelled and unlabelled batches always take separate passes, as the reference's",
