@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import merge, parse_sets, read_stored_config
-from ..data.pipeline import case_ids, label_less_ids, load_cases
-from ..data.splits import make_split
+from ..data.pipeline import case_ids, case_listing, load_cases, split_cases
 from ..engine.run import DONE, check_config, config_changes, train_run
 from ..engine.trainer import NonFiniteLossError
 from ..errors import InputError
@@ -170,8 +169,7 @@ def plan(protocol: Protocol, methods: list[str], ablations: list[Ablation], frac
 
 def check_plan(bench: Bench) -> None:
     """Before any training: folders hold the same configs, splits are possible, data are listed."""
-    listed: dict[str, list[str]] = {}
-    no_label: dict[str, set[str]] = {}
+    listed: dict[str, tuple[list[str], set[str]]] = {}
     for spec in bench.runs():
         cfg, run_dir = spec.cfg, spec.run_dir
         stored = run_dir / "config.yaml"
@@ -185,14 +183,12 @@ def check_plan(bench: Bench) -> None:
             raise InputError(f"{run_dir}: folder is not empty but holds no run (no config.yaml); remove it")
         key = json.dumps(cfg["data"], sort_keys=True)
         if key not in listed:
-            listed[key] = case_ids(cfg["data"])  # lists the training data (nothing read yet)
-            no_label[key] = label_less_ids(cfg["data"])
-        split = make_split(listed[key], labelled=cfg["split"]["labelled"], val=cfg["split"]["val"],
-                           seed=cfg["split"]["seed"], label_less=no_label[key])
+            listed[key] = case_listing(cfg["data"])  # lists the training data (nothing read yet)
+        split = split_cases(cfg, listed[key])
         cls = method_class(cfg["method"])
         if cls.uses_unlabelled and not getattr(cls, "all_labelled", False) and not split["unlabelled"]:
             raise InputError(f"{spec.label} at fraction {spec.fraction:g}: no unlabelled case is left "
-                             f"(split.labelled {cfg['split']['labelled']} of {len(listed[key])} cases)")
+                             f"(split.labelled {cfg['split']['labelled']} of {len(listed[key][0])} cases)")
         if not split["val"] and bench.test is None:
             raise InputError(f"protocol {bench.protocol.name}: split.val is 0 (no validation cases), so there is "
                              "nothing to evaluate on; give --test-data/--test-list, or --set split.val=N")

@@ -174,33 +174,36 @@ def load_cases(data_cfg: dict, ids: list[str] | None = None, *, with_label: bool
     return [load_case(r, with_label=with_label, num_classes=data_cfg["num_classes"]) for r in refs]
 
 
-def case_ids(data_cfg: dict) -> list[str]:
+def case_listing(data_cfg: dict) -> tuple[list[str], set[str]]:
+    """(every case id, the ids without a label file: the split can only make them unlabelled), from one listing."""
     if data_cfg["format"] == "synthetic":
         if data_cfg["root"]:  # a shipped synthetic config (demo) pointed at a folder would silently ignore it
             hint = layout_hint(data_cfg["root"], "synthetic") or "; set data.format (la, volumes, nnunet, folders, ...)"
             raise InputError(f"data.root {data_cfg['root']} is set, but data.format is synthetic (the built-in data: "
                              f"no folder is read){hint}")
-        return [f"synth{i:03d}" for i in range(data_cfg["synthetic"]["cases"])]
-    return [r.id for r in list_refs(data_cfg)]
+        return [f"synth{i:03d}" for i in range(data_cfg["synthetic"]["cases"])], set()
+    refs = list_refs(data_cfg)
+    return [r.id for r in refs], {r.id for r in refs if r.label is None}
 
 
-def label_less_ids(data_cfg: dict) -> set[str]:
-    """Cases without a label file: the split can only make them unlabelled."""
-    return set() if data_cfg["format"] == "synthetic" else {r.id for r in list_refs(data_cfg) if r.label is None}
+def case_ids(data_cfg: dict) -> list[str]:
+    return case_listing(data_cfg)[0]
 
 
-def split_cases(cfg: dict) -> dict:
-    """The run's split (cases without a label file always unlabelled)."""
-    return make_split(case_ids(cfg["data"]), labelled=cfg["split"]["labelled"], val=cfg["split"]["val"],
-                      seed=cfg["split"]["seed"], label_less=label_less_ids(cfg["data"]))
+def split_cases(cfg: dict, listing: tuple[list[str], set[str]] | None = None) -> dict:
+    """The run's split (cases without a label file always unlabelled); `listing`: case_listing's, if made already."""
+    ids, no_label = listing or case_listing(cfg["data"])
+    return make_split(ids, labelled=cfg["split"]["labelled"], val=cfg["split"]["val"], seed=cfg["split"]["seed"],
+                      label_less=no_label)
 
 
 def build_data(cfg: dict, *, all_labelled: bool = False) -> DataBundle:
     """Split, then load every case (labelled and validation with labels, unlabelled without)."""
     data_cfg = cfg["data"]
-    split = split_cases(cfg)
+    listing = case_listing(data_cfg)
+    split = split_cases(cfg, listing)
     if all_labelled:  # the fully supervised upper bound: every training case with a label is labelled, same val
-        no_label = label_less_ids(data_cfg)
+        no_label = listing[1]
         pool = split["labelled"] + split["unlabelled"]
         split["labelled"] = sorted(i for i in pool if i not in no_label)
         split["unlabelled"] = sorted(i for i in pool if i in no_label)
