@@ -9,3 +9,9 @@ class InputError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def check_positive_int(name: str, value) -> None:
+    """A count given by the user (None: not given) must be an integer >= 1: 0 never silently means "the default"."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(f"{name} {value!r}: must be a positive integer")

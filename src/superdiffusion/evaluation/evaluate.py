@@ -24,7 +24,7 @@ from ..data.readers import (
     write_array,
     write_mask,
 )
-from ..errors import InputError
+from ..errors import InputError, check_positive_int
 from ..outputs import check_output_dir
 from .inference import segment
 from .metrics import METRICS, case_metrics, summarize
@@ -114,11 +114,6 @@ STAMP = ".superdiffusion-predict.json"  # what made the masks of a predict folde
 _TEMP = re.compile(r"^\.tmp-(\d+)-.")  # the temporary files of predict's writers: .tmp-<pid>-<name>
 
 
-def _positive(flag: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise InputError(f"{flag} {value!r}: must be a positive integer")
-
-
 def predict_stamp(run, run_dir, *, mode, ddim_steps, samples, noise_seed, uncertainty: bool) -> dict:
     """The settings that decide a predict folder's outputs, defaults resolved (so `--samples 5` and its default 5
     agree); keys that cannot change the outputs are left out."""
@@ -194,8 +189,8 @@ def predict_files(run_dir, inputs, out_dir, *, checkpoint=None, predictor=None, 
     last, atomically); the folder's stamp (STAMP) records the run and settings, and a different run or setting
     is refused. `overwrite` redoes every case.
     """
-    _positive("--samples", samples)
-    _positive("--ddim-steps", ddim_steps)
+    check_positive_int("--samples", samples)
+    check_positive_int("--ddim-steps", ddim_steps)
     out_dir = check_output_dir(out_dir)
     run = load_run(run_dir, checkpoint=checkpoint, predictor=predictor)
     use_threads(run.cfg, threads)

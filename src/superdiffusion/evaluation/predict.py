@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import config_of, load_checkpoint
 from ..data.case import Case
 from ..device import resolve_device
-from ..errors import InputError
+from ..errors import InputError, check_positive_int
 from ..methods import build_method
 from ..methods.base import Method
 from .inference import predict_probabilities, segment
@@ -67,6 +67,9 @@ class LoadedRun:
             array = np.asarray(image, dtype=np.float32)
             if array.ndim == 2 or (array.ndim == 3 and array.shape[0] != self.method.in_channels):
                 array = array[None]  # (*spatial): one channel
+            bad = int(array.size - np.isfinite(array).sum())  # files are checked by their reader
+            if bad:  # NaN would pass the network silently: NaN probabilities and an all-background mask
+                raise InputError(f"array: image contains NaN or Inf values ({bad} voxel(s))")
             case = Case("array", array, None, tuple(spacing or (1.0,) * (array.ndim - 1)), "array")
         return self.check_fits(case)
 
@@ -76,9 +79,6 @@ class LoadedRun:
         if case.image.shape[0] != channels or case.spatial_dims not in (2, 3) or (dims == 3 and case.spatial_dims != 3):
             raise InputError(f"{case.source}: image of shape {tuple(case.image.shape)} (channels first) does not fit "
                              f"this model ({channels} channel(s), {dims}D network)")
-        bad = int(np.size(case.image) - np.isfinite(case.image).sum())
-        if bad:  # NaN would pass the network silently: NaN probabilities and an all-background mask
-            raise InputError(f"{case.source}: image contains NaN or Inf values ({bad} voxel(s))")
         return case
 
     def probabilities(self, case: Case, predictor: str | None = None, fn: Callable | None = None) -> np.ndarray:
@@ -93,8 +93,7 @@ class LoadedRun:
 def use_threads(cfg: dict, threads: int | None = None) -> int | None:
     """Set torch's CPU threads to `threads`, else to the run's train.threads when set (torch's default otherwise:
     one thread per core, which on a busy machine is many times slower than one). Returns the number set."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InputError(f"--threads {threads!r}: must be a positive integer")
+    check_positive_int("--threads", threads)
     n = threads or cfg["train"].get("threads")
     if n:
         torch.set_num_threads(int(n))

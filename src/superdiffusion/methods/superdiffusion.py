@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..data.perturb import PhotometricView, cutmix, cutmix_boxes
 from ..diffusion import GaussianDiffusion
-from ..errors import InputError
+from ..errors import InputError, check_positive_int
 from ..nets.unet import NETS, build_unet
 from .base import (
     Batch,
@@ -179,9 +179,8 @@ class DiffusionTeacher(nn.Module):
         mode, seed, t = mode or c["inference"], c["noise_seed"] if noise_seed is None else noise_seed, c["t_infer"]
         steps = c["ddim_steps"] if steps is None else steps
         samples = c["ensemble"] if samples is None else samples
-        for name, value in (("steps", steps), ("samples", samples)):  # 0 is not "the default"
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"teacher {name}: {value!r} must be a positive integer")
+        check_positive_int("teacher steps", steps)  # 0 is not "the default"
+        check_positive_int("teacher samples", samples)
         if mode == "fixed":
             return lambda x: self.predict_fixed(x, t=t, noise_seed=seed)
         if mode == "ddim":
