@@ -234,12 +234,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ..evaluation.evaluate import check_output_dir, evaluate_folders, evaluate_run
+    from ..evaluation.evaluate import evaluate_folders, evaluate_run
+    from ..outputs import check_output_file
 
-    if args.out and Path(args.out).exists():  # checked before any prediction; never overwrite a user's file
-        raise InputError(f"{args.out}: exists already; choose another --out")
-    if args.out:  # a folder that can take the file, checked before the metrics are computed (and lost)
-        check_output_dir(Path(args.out).parent)
+    if args.out:  # a new file in a folder that can take it, checked before the metrics are computed (and lost)
+        check_output_file(args.out)
     if args.pred or args.gt:
         if not (args.pred and args.gt) or args.run:
             raise InputError("evaluate: give either RUN --data DIR, or both --pred DIR and --gt DIR")

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import InputError
+from ..outputs import check_output_file
 
 DATA_OPTIONS = ("method", "dims", "labelled")
 
@@ -62,9 +63,7 @@ def check_data_options(args, *, other: str | None, what: str) -> None:
 def cmd_plan(args) -> int:
     if not args.data:
         raise InputError("plan: --data DIR is required")
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists():
-        raise InputError(f"{out}: exists already; choose another --out")
+    out = check_output_file(args.out) if args.out else None  # never overwritten; checked before the data are read
     cfg, lines = _plan(args, out)
     if out is not None:
         write_config(cfg, out, lines)
