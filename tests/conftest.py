@@ -97,7 +97,7 @@ def la_overrides(root: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def la_cfg(la_root):
-    """la_cfg(*overrides) -> a config training on slices of the session's LA-layout dataset."""
+    """la_cfg(*overrides) -> a config training on slices of the LA-layout dataset the tests share."""
 
     def make(*overrides: str, root: Path | None = None) -> dict:
         return load_config(None, la_overrides(root or la_root, *overrides))

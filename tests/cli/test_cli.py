@@ -77,7 +77,7 @@ def _train_argv(run: Path, overrides: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, la_root, la_sets) -> Path:
-    """A supervised 2D run on slices of the session's LA-h5 dataset, trained through the CLI."""
+    """A supervised 2D run on slices of the LA-h5 dataset these tests share, trained through the CLI."""
     run = tmp_path_factory.mktemp("cli") / "run"
     assert main(_train_argv(run, la_sets(la_root))) == 0
     assert (run / "results.json").is_file() and (run / "checkpoints" / "last.pt").is_file()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session (about 10 minutes on one H100/H200): the evidence that needs a GPU, in priority order.
+# One GPU lease (about 10 minutes on one H100/H200): the evidence that needs a GPU, in priority order.
 # Run from the repository root on the device machine, with the LA copy packed by la_transfer.py in .dev/la
 # and the wheels the image lacks in .whl (monai, nibabel, pynrrd). Writes logs and a tarball under $OUT.
 #   1. smoke: every method of the synthetic protocol trained and evaluated on CUDA (stops here on failure)
@@ -71,7 +71,7 @@ fi
 B=$T/la2d
 if part la2d; then
 stamp la2d table
-if [ -n "${LA2D_FROM:-}" ]; then cp -r "$LA2D_FROM" $B; fi  # runs finished in an earlier session are skipped
+if [ -n "${LA2D_FROM:-}" ]; then cp -r "$LA2D_FROM" $B; fi  # runs finished in an earlier device call are skipped
 timeout -k 10 $LA2D_S $SD bench --protocol la2d --train-data /tmp/LA --out $B --jobs $LA2D_JOBS --no-progress \
   $LA2D_ARGS > $OUT/la2d.log 2>&1
 rc=$?; echo "la2d rc=$rc"; pkill -f multiprocessing.spawn; sleep 2
