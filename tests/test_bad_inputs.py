@@ -63,6 +63,9 @@ BAD_SETS = [  # (override, text the error must name)
     ("superdiffusion.rounds=-1", "superdiffusion.rounds"),
     ("superdiffusion.student=vit", "vit"),
     ("train.nonsense=1", "train.nonsense"),
+    ("train.val_cases=-1", "train.val_cases"),
+    ("train.val_overlap=1.0", "train.val_overlap"),
+    ("eval.overlap=-0.1", "eval.overlap"),
     ("train=3", "train"),
 ]
 

@@ -205,7 +205,7 @@ def test_unreadable_test_case_fails_before_training(tmp_path, monkeypatch, capsy
 
 def test_shipped_protocols_plan(tmp_path):
     """Every shipped protocol, method and ablation variant gives a valid run config (no data touched)."""
-    assert {"synthetic", "la2d", "la3d-cpu", "la3d-full"} <= set(shipped_protocols())
+    assert {"synthetic", "la2d", "la3d", "la3d-full"} <= set(shipped_protocols())
     for name in shipped_protocols():
         p = load_protocol(name)
         specs = runner.plan(p, list(p.bench["methods"]), list(p.ablations.values()), [0.1, 0.2], [0], tmp_path,
@@ -215,6 +215,24 @@ def test_shipped_protocols_plan(tmp_path):
     assert full["split"]["val"] == 0 and full["eval"]["checkpoint"] == "last"
     ids = [f"case{i:02d}" for i in range(80)]
     assert [len(make_split(ids, labelled=f, val=0)["labelled"]) for f in (0.1, 0.2)] == [8, 16]
+
+
+def test_la3d_trains_on_la2ds_cases_in_3d():
+    """la3d and la2d carve the same validation cases and label the same ones at every seed and count, so 2D and 3D
+    are compared case by case; la3d trains full-resolution 112x112x80 patches and validates cheaply during training
+    (a few cases, a coarse overlap), every case at the end."""
+    la2d, la3d = load_protocol("la2d"), load_protocol("la3d")
+    for seed in (0, 1, 2):
+        for count in (8, 16):
+            a, b = (runner.make_config(p, "supervised", count, seed, sets={}, data={}, steps=None) for p in (la2d, la3d))
+            assert a["split"] == b["split"] and a["seed"] == b["seed"] == seed
+            assert {k: a["data"][k] for k in ("format", "root", "list")} == \
+                {k: b["data"][k] for k in ("format", "root", "list")}
+            assert b["data"]["dims"] == 3 and b["data"]["scale"] is None and b["data"]["size"] is None
+    base = la3d.base
+    assert base["train"]["patch"] == [112, 112, 80] and base["train"]["batch_size"] == 2
+    assert base["eval"]["checkpoint"] == "last" and base["train"]["val_cases"] < base["split"]["val"]
+    assert base["train"]["val_overlap"] < base["eval"]["overlap"]
 
 
 def test_la2d_gives_bcp_its_constant_rate():

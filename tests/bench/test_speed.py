@@ -41,12 +41,17 @@ def test_every_row_is_measured_and_printed(result):
         assert text.count(name) >= 2, name
     assert "co-training step R=3 16x16, batch 2+1:" in text and "target <= 3.8 s" in text and "1.6 GiB" in text
     assert "no verdict" in text  # tiny sizes are not the reference protocol
-    # the package's supervised step beside a plain MONAI UNet (0.66 M parameters), 96x96 batch 16, same process
-    plain = {r["row"]: r for r in result["plain_unet"]}
-    assert list(plain) == ["supervised (la2d-superdiffusion)", "plain MONAI UNet"]
+    # the package's supervised step beside a plain MONAI UNet of the config's widths, same process: 2D at 96x96
+    # batch 16, 3D at the training rows' patch and labelled batch
+    plain = {(r["dims"], r["row"]): r for r in result["plain_unet"]}
+    assert list(plain) == [(2, "supervised (la2d-superdiffusion)"), (2, "plain MONAI UNet"),
+                           (3, "supervised (la3d-superdiffusion)"), (3, "plain MONAI UNet")]
     assert all("error" not in r and r["rate"] > 0 and len(r["runs"]) >= 5 for r in plain.values())
-    assert plain["plain MONAI UNet"]["params"] == 660282
-    assert "96x96, batch 16" in text and text.count("plain MONAI UNet") == 1
+    assert [r["size"] for r in plain.values()] == ["96x96, batch 16"] * 2 + ["8x8x8, batch 1"] * 2
+    for d in (2, 3):  # the same network, but for the package's affine instance norms
+        ours, library = plain[d, f"supervised (la{d}d-superdiffusion)"]["params"], plain[d, "plain MONAI UNet"]["params"]
+        assert 0 < ours - library <= 2 * 2 * sum([4, 8])  # a scale and a shift per channel of each norm
+    assert "96x96, batch 16" in text and "8x8x8, batch 1" in text and text.count("\n3    plain MONAI UNet") == 1
     json.dumps(result)  # --json writes it as is
 
 

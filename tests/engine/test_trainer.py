@@ -409,6 +409,27 @@ def test_3d_supervised_run(tmp_path, tiny_cfg):
     assert any(v.ndim == 5 for v in model.values())  # 3D convolutions
 
 
+def test_training_validation_can_be_a_cheap_look(tmp_path, tiny_cfg, monkeypatch):
+    """train.val_cases / val_overlap: validation during training reads the first cases at a coarse window overlap;
+    the run's final evaluation still scores every validation case at eval.overlap."""
+    import superdiffusion.engine.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.evaluate_cases
+
+    def spy(fn, cases, **kw):
+        seen.append((len(cases), kw["overlap"]))
+        return real(fn, cases, **kw)
+
+    monkeypatch.setattr(trainer_module, "evaluate_cases", spy)
+    cfg = tiny_cfg("data.synthetic={cases: 7, shape: [16, 16, 16], seed: 0}", "data.dims=3",
+                   "train.patch=[16, 16, 16]", "split.labelled=2", "split.val=3", "train.steps=4",
+                   "train.val_every=2", "train.val_cases=1", "train.val_overlap=0.25", "eval.overlap=0.5")
+    r = train_run(cfg, tmp_path / "run", progress=False)
+    assert seen and set(seen) == {(1, 0.25)}  # two validations during training, each one case at 0.25
+    assert len(r["val"]["student"]["per_case"]) == 3  # the final evaluation: every case
+
+
 def test_3d_volumes_through_a_2d_net(tmp_path, tiny_cfg):
     cfg = tiny_cfg("data.synthetic={cases: 6, shape: [16, 16, 12], seed: 0}", "data.dims=2",
                    "train.patch=[16, 16]", "split.labelled=2", "split.val=2", "train.steps=2")

@@ -258,26 +258,28 @@ def infer_rows(spec: dict) -> list[dict]:
 
 
 def plain_unet_rows(spec: dict) -> list[dict]:
-    """Supervised training at 96x96, batch 16: this package's supervised step (the 2D config's network, loss and
-    optimiser) beside a plain MONAI UNet 16-256 (strides 2, no residual units; Adam, Dice + CE), timed in the same
-    process, so that the package's speed is judged against the library's on the same cores and load."""
+    """Supervised training (2D: 96x96, batch 16; 3D: the training rows' patch and labelled batch): this package's
+    supervised step (the config's network, loss and optimiser) beside a plain MONAI UNet of the config's widths
+    (strides 2, no residual units; Adam, Dice + CE), timed in the same process, so that the package's speed is judged
+    against the library's on the same cores and load."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet as MonaiUNet
 
     from ..engine.trainer import build_optimizer
     from ..methods import build_method
 
-    device, variant = torch.device(spec["device"]), spec["variant"]
-    shape, batch_size = PLAIN_SHAPE, PLAIN_BATCH
+    device, variant, dims = torch.device(spec["device"]), spec["variant"], spec.get("dims", 2)
+    shape, batch_size = tuple(spec.get("shape") or PLAIN_SHAPE), int(spec.get("batch_size") or PLAIN_BATCH)
     cfg = load_config(spec["config"], [*spec["overrides"], "method=supervised", f"train.patch={list(shape)}",
                                        f"train.batch_size={batch_size}"])
     torch.manual_seed(0)
     ours = build_method(cfg, in_channels=1).to(device).train()
-    _prepare(ours, variant, 2)
-    plain = MonaiUNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
-                      strides=(2, 2, 2, 2), num_res_units=0).to(device).train()
+    _prepare(ours, variant, dims)
+    channels = tuple(cfg["model"]["channels"])
+    plain = MonaiUNet(spatial_dims=dims, in_channels=1, out_channels=2, channels=channels,
+                      strides=(2,) * (len(channels) - 1), num_res_units=0).to(device).train()
     if variant.get("channels_last"):
-        plain.to(memory_format=torch.channels_last)
+        plain.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
     plain_loss = DiceCELoss(to_onehot_y=True, softmax=True)
     image = _images(batch_size, shape, variant, device, 1)
     label = torch.randint(0, 2, (batch_size, *shape), generator=torch.Generator().manual_seed(2)).to(device)
@@ -299,8 +301,8 @@ def plain_unet_rows(spec: dict) -> list[dict]:
     rows = []
     for name, fn, net in ((f"supervised ({spec['config']})", step_ours, ours), ("plain MONAI UNet", step_plain, plain)):
         out = _timed(fn, warmup=max(spec["warmup"], 2), repeats=max(spec["repeats"], 5), device=device)
-        rows.append({"row": name, "params": sum(p.numel() for p in net.parameters()), **out,
-                     "rate": batch_size / out["seconds"]})
+        rows.append({"row": name, "dims": dims, "size": f"{'x'.join(map(str, shape))}, batch {batch_size}",
+                     "params": sum(p.numel() for p in net.parameters()), **out, "rate": batch_size / out["seconds"]})
     return rows
 
 
@@ -419,13 +421,17 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
                 for r in res if isinstance(res, list) else [{"row": "student volume", **res}]:
                     effects.append({"dims": d, "switch": s, **r})
     plain_rows = []
-    if 2 in wanted:
-        log("2D supervised vs plain MONAI UNet, 96x96 batch 16 ...")
-        cfg2 = load_config(configs[2], list(overrides))
-        res = runner("plain", {"config": configs[2], "overrides": list(overrides), "device": dev, "threads": threads,
-                               "warmup": p["warmup"], "repeats": p["repeats"],
-                               "variant": {"channels_last": True} if cfg2["train"]["channels_last"] else {}})
-        plain_rows = res if isinstance(res, list) else [{"row": "supervised vs plain MONAI UNet", **res}]
+    for d in wanted:
+        cfg_d = load_config(configs[d], list(overrides))
+        # 2D at 96x96 batch 16 (the brief's yardstick); 3D at the training rows' patch and labelled batch
+        shape, batch_size = (PLAIN_SHAPE, PLAIN_BATCH) if d == 2 else \
+            (list(p["train3d"] or cfg_d["train"]["patch"]), p["batch3d"][0])
+        log(f"{d}D supervised vs plain MONAI UNet, {'x'.join(map(str, shape))} batch {batch_size} ...")
+        res = runner("plain", {"config": configs[d], "overrides": list(overrides), "device": dev, "threads": threads,
+                               "warmup": p["warmup"], "repeats": p["repeats"], "dims": d, "shape": list(shape),
+                               "batch_size": batch_size,
+                               "variant": {"channels_last": True} if cfg_d["train"]["channels_last"] else {}})
+        plain_rows += res if isinstance(res, list) else [{"row": "supervised vs plain MONAI UNet", "dims": d, **res}]
     _ratios(rows)
     meta = {"profile": profile, "device": dev, "threads": threads or torch.get_num_threads(),
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
@@ -498,12 +504,12 @@ def format_report(result: dict) -> str:
                 lines.append(head + f"{e['baseline_s']:>9.3f}{e['seconds']:>11.3f}{e['speedup']:>9.2f}"
                                     f"{e['peak_mib']:>9.0f}")
     if result.get("plain_unet"):
-        lines += ["", f"supervised training, {PLAIN_SHAPE[0]}x{PLAIN_SHAPE[1]}, batch {PLAIN_BATCH}, same process "
-                      "(median of at least 5 steps):",
-                  f"{'row':<44}{'params':>10}{'img/s':>10}{'s/step':>9}"]
+        lines += ["", "supervised training beside a plain MONAI UNet, same process (median of at least 5 steps):",
+                  f"{'dims':<5}{'row':<44}{'size':<24}{'params':>10}{'img/s':>10}{'s/step':>9}"]
         for r in result["plain_unet"]:
-            lines.append(f"{r['row']:<44}error: {r['error']}" if "error" in r else
-                         f"{r['row']:<44}{r['params']:>10}{r['rate']:>10.1f}{r['seconds']:>9.3f}")
+            head = f"{r.get('dims', 2):<5}{r['row']:<44}"
+            lines.append(head + f"error: {r['error']}" if "error" in r else
+                         head + f"{r['size']:<24}{r['params']:>10}{r['rate']:>10.1f}{r['seconds']:>9.3f}")
     ref = result["reference"]
     protocol = ref.get("size") == "128x128, batch 8+8"
     if "step_s" in ref:

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tests vs superdiffusion), PNG plots and the run folders into --out. Re-running "
                                    "the same command skips finished runs and resumes interrupted ones.")
     b.add_argument("--protocol", metavar="NAME",
-                   help="shipped protocol (la2d, la3d-cpu, la3d-full, synthetic) or a protocol YAML file; or --data")
+                   help="shipped protocol (la2d, la3d, la3d-full, synthetic) or a protocol YAML file; or --data")
     add_data_options(b, options=("dims",), data_help="dataset folder to plan a protocol for instead of --protocol "
                                                      "(written into --out as <DIR name>.yaml)")
     b.add_argument("--methods", metavar="A,B,...",

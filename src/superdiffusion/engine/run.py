@@ -79,6 +79,11 @@ def check_config(cfg: dict) -> None:
     for key in ("steps", "batch_size", "unlabelled_batch_size"):
         if not isinstance(t[key], int) or t[key] < 1:
             raise InputError(f"train.{key}: {t[key]!r} must be a positive integer")
+    if isinstance(t["val_cases"], bool) or not isinstance(t["val_cases"], int) or t["val_cases"] < 0:
+        raise InputError(f"train.val_cases: {t['val_cases']!r} must be an integer >= 0 (0: every validation case)")
+    for key, value in (("eval.overlap", cfg["eval"]["overlap"]), ("train.val_overlap", t["val_overlap"])):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1):
+            raise InputError(f"{key}: {value!r} must be a number in [0, 1)")
     for key, value in (("train.lr", t["lr"]), ("superdiffusion.pretrain_lr", cfg["superdiffusion"]["pretrain_lr"])):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise InputError(f"{key}: {value!r} must be a positive number")

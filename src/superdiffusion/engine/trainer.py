@@ -242,10 +242,12 @@ class Trainer:
         self.method.eval()
         ec = self.cfg["eval"]
         scores = {}
-        cases = distributed.shard(self.data.val, self.rank, self.world)
+        tc = self.cfg["train"]
+        cases = distributed.shard(self.data.val[:tc["val_cases"] or None], self.rank, self.world)
+        overlap = ec["overlap"] if tc["val_overlap"] is None else tc["val_overlap"]
         for name, fn in self.method.predictors().items():
             per_case = evaluate_cases(fn, cases, data_cfg=self.cfg["data"], dims=self.cfg["data"]["dims"],
-                                      patch=self.cfg["train"]["patch"], overlap=ec["overlap"],
+                                      patch=self.cfg["train"]["patch"], overlap=overlap,
                                       sw_batch_size=ec["sw_batch_size"], full=False, device=self.device)
             per_case = distributed.gather_dict(per_case)
             scores[name] = float(np.mean([m["dice"] for m in per_case.values()]))
