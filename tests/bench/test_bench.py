@@ -224,7 +224,8 @@ def test_la3d_trains_on_la2ds_cases_in_3d():
     la2d, la3d = load_protocol("la2d"), load_protocol("la3d")
     for seed in (0, 1, 2):
         for count in (8, 16):
-            a, b = (runner.make_config(p, "supervised", count, seed, sets={}, data={}, steps=None) for p in (la2d, la3d))
+            a, b = (runner.make_config(p, "supervised", count, seed, sets={}, data={}, steps=None)
+                    for p in (la2d, la3d))
             assert a["split"] == b["split"] and a["seed"] == b["seed"] == seed
             assert {k: a["data"][k] for k in ("format", "root", "list")} == \
                 {k: b["data"][k] for k in ("format", "root", "list")}

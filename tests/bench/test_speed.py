@@ -49,7 +49,8 @@ def test_every_row_is_measured_and_printed(result):
     assert all("error" not in r and r["rate"] > 0 and len(r["runs"]) >= 5 for r in plain.values())
     assert [r["size"] for r in plain.values()] == ["96x96, batch 16"] * 2 + ["8x8x8, batch 1"] * 2
     for d in (2, 3):  # the same network, but for the package's affine instance norms
-        ours, library = plain[d, f"supervised (la{d}d-superdiffusion)"]["params"], plain[d, "plain MONAI UNet"]["params"]
+        ours = plain[d, f"supervised (la{d}d-superdiffusion)"]["params"]
+        library = plain[d, "plain MONAI UNet"]["params"]
         assert 0 < ours - library <= 2 * 2 * sum([4, 8])  # a scale and a shift per channel of each norm
     assert "96x96, batch 16" in text and "8x8x8, batch 1" in text and text.count("\n3    plain MONAI UNet") == 1
     json.dumps(result)  # --json writes it as is
