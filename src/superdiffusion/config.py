@@ -151,6 +151,12 @@ DEFAULTS: dict[str, Any] = {
         # images noised at rectify / 2 then pass through it once (SDEdit-style). 0: off. Needs an EMA student
         "rectify": 0,
         "rectify_after": 0.25,  # share of the co-training steps before the student learns the rectified labels
+        # generative strong view: the student learns the EMA's label of each unlabelled image on the image pathway's
+        # one-pass re-synthesis of it from this noise level (SDEdit-style, conditioned on that soft label, so the
+        # label still describes it), before the photometric view and CutMix; the image pathway keeps learning to
+        # denoise the labelled images conditioned on their labels. 0: off. Needs an EMA student and mask_condition
+        # probabilities
+        "generative_view": 0,
         # on argmax pseudo-labels (CPS, rounds): dice (reference, per image) | dice-batch | ce | dice-masked (per class
         # over the batch on the confident pixels: UniMatch's medical loss)
         "cps_loss": "dice",

@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder (re-use it to resume a benchmark)")
     b.add_argument("--ablation", metavar="NAME[,NAME]",
                    help="also run the protocol's ablation variants as extra methods with their own table and "
-                        "plot; la2d: recipe (the paper's own SuperDiffusion recipe), target, labeller, dropout "
-                        "(supervised without the encoder dropout); synthetic: teacher, rounds")
+                        "plot; la2d: recipe (the paper's own SuperDiffusion recipe), generative (the image pathway's "
+                        "re-synthesis as the student's strong view), target, labeller, dropout (supervised without "
+                        "the encoder dropout); synthetic: teacher, rounds")
     b.add_argument("--train-data", metavar="DIR", help="training dataset folder (default: the protocol's data.root)")
     b.add_argument("--train-list", metavar="FILE",
                    help="list of training case ids (default: the protocol's list with its data, every case "

@@ -314,6 +314,14 @@ class CoTrain(Method):
         if target == "rectified" and not sd["rectify"]:
             raise InputError("superdiffusion.student_target: rectified needs superdiffusion.rectify > 0")
         superdiffusion_fraction(sd, "rectify_after")
+        gen = sd["generative_view"]
+        if isinstance(gen, bool) or not isinstance(gen, int) or not 0 <= gen < cfg["diffusion"]["timesteps"]:
+            raise InputError(f"superdiffusion.generative_view: {gen!r} must be an integer timestep in "
+                             f"[0, {cfg['diffusion']['timesteps']}) (0: off)")
+        if gen and not (sd["ema"] and self.uses_teacher and sd["mask_condition"] == "probabilities"):
+            raise InputError("superdiffusion.generative_view: the image pathway re-synthesises each unlabelled image "
+                             "from the EMA student's soft label; needs superdiffusion.ema > 0, a teacher and "
+                             "mask_condition probabilities")
         # an exponential moving average of the student: its pseudo-labels, not the student's own (Mean Teacher)
         self.ema = copy.deepcopy(self.student).requires_grad_(False) if sd["ema"] else None
         # no layer normalises over the batch (instance norm): images may share passes without changing each other
@@ -360,6 +368,14 @@ class CoTrain(Method):
         """A soft label refined in one x0 pass from rectify / 2 (SDEdit-style): class probabilities."""
         t = torch.full((len(x),), self.cfg["superdiffusion"]["rectify"] // 2, dtype=torch.long, device=x.device)
         return torch.softmax(self.rectifier_logits(x, prob, t, self.teacher.randn_like_mask(x, generator)), 1)
+
+    def resynthesised(self, x: Tensor, prob: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The image pathway's one-pass re-synthesis of x from noise level generative_view, conditioned on the soft
+        label prob (SDEdit-style): a strong view whose anatomy the label still describes, in the images' [-1, 1]."""
+        T = self.teacher
+        t = torch.full((len(x),), self.cfg["superdiffusion"]["generative_view"], dtype=torch.long, device=x.device)
+        eps_hat, x_t = T.image_noise(x, to_signal(prob), t, torch.randn(x.shape, generator=generator).to(x))
+        return T.diffusion.predict_x0_from_eps(x_t, t, eps_hat).clamp(-1, 1)
 
     def unlabelled_weight(self, step: int, total_steps: int) -> float:
         """w(step): the final unlabelled weight, ramped linearly from 0 (the reference's (e + 1) / E)."""
@@ -429,20 +445,28 @@ class CoTrain(Method):
         teach = self.teacher is not None and step % sd["teacher_every"] == 0
         n = sd["round_images"]  # the rounds' share of each batch (None: all of it)
         x_l, y, x_u = batch["image"], batch["label"], batch["unlabelled"]
-        view = self.unlabelled_view is not None or self.cutmix > 0
+        gen = bool(sd["generative_view"])
+        view = self.unlabelled_view is not None or self.cutmix > 0 or gen
+        # labeller_mode eval: the pseudo-labellers' own pass in evaluation mode (no dropout), FixMatch's clean targets
+        clean = sd["labeller_mode"] == "eval"
+        own = self.ema if self.ema is not None else self.student
+        labellers = (own,) if self.teacher is None else (self.teacher, own)  # whose outputs become labels
         # what the networks learn from: the labelled images and the unlabelled ones, or with a view (weak-to-strong)
-        # a perturbed copy of them whose pseudo-labels come from the clean images; with CutMix, images and
-        # pseudo-labels mixed by the same boxes
-        x_v = self.unlabelled_view(x_u, generator) if self.unlabelled_view is not None else x_u
+        # a perturbed copy of them whose pseudo-labels come from the clean images (with generative_view first the
+        # image pathway's re-synthesis from the EMA's soft label); with CutMix, images and pseudo-labels mixed by the
+        # same boxes
+        x_v, prob_early = x_u, None
+        if gen:
+            with torch.no_grad(), evaluating(*labellers) if clean else nullcontext():
+                prob_early = torch.softmax(forward_batch_stats(self.ema, x_u), 1)
+                with evaluating(self.teacher.image_net):
+                    x_v = self.resynthesised(x_u, prob_early, generator)
+        x_v = self.unlabelled_view(x_v, generator) if self.unlabelled_view is not None else x_v
         boxes = cutmix_boxes(x_u, generator, prob=self.cutmix) if self.cutmix else None
         x_v = cutmix(x_v, boxes) if boxes is not None else x_v
         s_l, s_v = self.passes(self.student_logits, [x_l, x_v], generator)
         t_l, t_v = self.passes(self.teacher_logits, [x_l, x_v], generator) if teach else (None, None)
 
-        # labeller_mode eval: the pseudo-labellers' own pass in evaluation mode (no dropout), FixMatch's clean targets
-        clean = sd["labeller_mode"] == "eval"
-        own = self.ema if self.ema is not None else self.student
-        labellers = (own,) if self.teacher is None else (self.teacher, own)  # whose outputs become labels
         # the teacher's own labels, where anything reads them: the student's target (without an EMA, or unless it is
         # the EMA's alone) or the unlabelled images' rounds; `ema` without rounds reads none, so no pass is made
         teacher_labels = self.teacher is not None and (self.ema is None or sd["student_target"] in ("consensus", "fill")
@@ -455,6 +479,8 @@ class CoTrain(Method):
             if self.ema is not None and rectify and teach:  # the rectifier learns from the EMA's labelled labels too
                 prob_el, prob_s = torch.softmax(forward_batch_stats(self.ema, torch.cat([x_l, x_u])), 1).split(
                     [len(x_l), len(x_u)])
+            elif prob_early is not None:  # made for the generative view
+                prob_s = prob_early
             elif self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
                 prob_s = torch.softmax(forward_batch_stats(self.ema, x_u), 1)
             else:
@@ -478,9 +504,14 @@ class CoTrain(Method):
             t_r = torch.randint(0, sd["rectify"] + 1, (len(x_l),), generator=generator).to(x_l.device)
             out["rect"] = self.sup_loss(self.rectifier_logits(x_l, prob_el, t_r,
                                                               self.teacher.randn_like_mask(x_l, generator)), y)
+        if teach and gen:  # the image pathway keeps learning to denoise images conditioned on their (true) masks
+            t_g = self.teacher.diffusion.sample_timesteps(len(x_l), generator=generator)
+            eps = torch.randn(x_l.shape, generator=generator).to(x_l)
+            labels = F.one_hot(y, self.num_classes).movedim(-1, 1).to(x_l)
+            out["gen"] = F.mse_loss(self.teacher.image_noise(x_l, to_signal(labels), t_g, eps)[0], eps)
         w, lam = early if early else (None, None)
         if early:
-            (out["sup"] + out.get("rect", 0) + w * out["cps"]).backward()
+            (out["sup"] + out.get("rect", 0) + out.get("gen", 0) + w * out["cps"]).backward()
         if sd["rounds"] and teach:
             out["rec"], out["align"] = self.rounds(x_l[:n], t_l[:n], y[:n], generator, lam)
             out["rec_u"], out["align_u"] = self.rounds(x_u[:n], u_t[:n], pseudo_s[:n], generator,
@@ -494,8 +525,9 @@ class CoTrain(Method):
         terms = self.losses(batch, step=step, total_steps=total_steps, generator=generator,
                             early=(w, lam) if self.early_backward else None)
         labelled, unlabelled = terms["sup"], terms["cps"]  # detached (already back-propagated) when early
-        if "rect" in terms:
-            labelled = labelled + terms["rect"]
+        for key in ("rect", "gen"):  # the mask pathway as a rectifier, the image pathway as a denoiser
+            if key in terms:
+                labelled = labelled + terms[key]
         if "rec" in terms:  # lambda / R per round == lambda times the per-round mean
             labelled = labelled + lam * (terms["rec"] + terms["align"])
             unlabelled = unlabelled + lam * (terms["rec_u"] + terms["align_u"])
