@@ -72,7 +72,7 @@ def test_outputs(main_bench):
                    "10 cycle pre-training steps", "Checkpoint rule: best validation Dice", "Threshold: argmax",
                    "Wilcoxon", "| supervised | 0.25 | 8 |", "± ", "(--set): `train.threads=1`"):
         assert needle in text, needle
-    for name in ("dice_vs_fraction.png", "val_curves.png", "qualitative.png"):
+    for name in ("dice_vs_fraction.png", "val_curves.png", "qualitative.png", "overlays.png"):
         assert_png(out / name)
     assert len(list((out / "runs").glob("*/frac0.25/seed*/DONE"))) == 4
     for r in rows:  # each run's wall time, as its results.json records it
@@ -150,6 +150,7 @@ def test_separate_test_set(tmp_path):
     cfg = json.loads((out / rows[0]["run"] / "split.json").read_text())
     assert not {"synth010", "synth011"} & set(cfg["labelled"] + cfg["unlabelled"] + cfg["val"])
     assert (out / rows[0]["run"] / "test_eval.json").is_file()
+    assert_png(out / "overlays.png")  # volumes: three orthogonal slices per case, from the test cases here
 
 
 def test_ablations_have_tables_and_plots(tmp_path, count_training):
@@ -260,7 +261,8 @@ def test_help_mentions_every_option(capsys):
 def test_output_folder_layout(main_bench):
     """The output folder holds the tables, the figures and the run folders, nothing else."""
     names = {p.name for p in main_bench.iterdir()}
-    assert names == {"results.csv", "summary.md", "dice_vs_fraction.png", "val_curves.png", "qualitative.png", "runs"}
+    assert names == {"results.csv", "summary.md", "dice_vs_fraction.png", "val_curves.png", "qualitative.png",
+                     "overlays.png", "runs"}
 
 
 def test_pseudo_label_monitor_figure(tmp_path):

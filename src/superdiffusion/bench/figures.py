@@ -1,5 +1,5 @@
 """Figures: Dice vs labelled fraction, validation curves (is the budget long enough?), one bar chart per ablation,
-and the qualitative figure (paper fig. 3).
+the qualitative figure (paper fig. 3) and an overlay grid (every method's outline beside the label's).
 
 Matplotlib's object API with the Agg canvas: no pyplot state, no display needed.
 """
@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from ..data.case import Case
 from ..data.pipeline import load_cases
 from ..errors import InputError
+from ..evaluation.evaluate import draw_overlay, largest_sections
 from ..evaluation.inference import predict_probabilities, segment
 from ..evaluation.predict import load_run
 from ..runlog import log_entries
@@ -44,6 +45,7 @@ def write_figures(bench, rows: list[dict]) -> None:
     validation_curves(bench, bench.out / "val_curves.png")
     pseudo_label_curves(bench, bench.out / "pseudo_labels.png")
     qualitative(bench)
+    overlay_grid(bench)
 
 
 def read_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -248,5 +250,54 @@ def qualitative(bench, n_cases: int | None = None) -> Path | None:
         ax.set_title(title, fontsize=9)
     fig.suptitle(f"{bench.protocol.name}: {spec.label}, fraction {spec.fraction:g}, seed {spec.seed} "
                  f"(checkpoint {run.checkpoint.stem})", fontsize=9)
+    _save(fig, path)
+    return path
+
+
+def overlay_grid(bench, n_cases: int | None = None) -> Path | None:
+    """overlays.png: for a few validation cases of the first fraction and seed, each method's prediction (red) outlined
+    beside the label's (green); a volume as three orthogonal slices through the label's largest cross-sections, a 2D
+    picture as a photograph (RGB in colour). Methods whose run is unfinished or kept no checkpoint are left out."""
+    first = [s for s in bench.specs if s.fraction == bench.fractions[0] and s.seed == bench.seeds[0]
+             and s.ablation is None and (s.run_dir / "DONE").is_file()]
+    runs = {}
+    for spec in first:
+        try:
+            runs[spec.label] = (spec, load_run(spec.run_dir))
+        except InputError:  # checkpoint not found (runs copied back without them)
+            continue
+    if not runs:
+        return None
+    spec0 = next(iter(runs.values()))[0]
+    cases = qualitative_cases(bench, spec0, n_cases or int(bench.protocol.bench["qualitative_cases"]))
+    if not cases:
+        return None
+    rows = []  # (name, image, label, {method: prediction}, photo): one per picture
+    for case in cases:
+        masks = {label: segment(run.probabilities(case)) for label, (_, run) in runs.items()}
+        photo = case.spatial_dims == 2
+        image = case.image if photo and len(case.image) == 3 else case.image[0]
+        if photo:
+            rows.append((case.id, image, case.label, masks, True))
+            continue
+        for axis, k in largest_sections(case.label):
+            rows.append((f"{case.id}\naxis {axis}, slice {k}", np.take(image, k, axis=axis),
+                         np.take(case.label, k, axis=axis), {m: np.take(p, k, axis=axis) for m, p in masks.items()},
+                         False))
+    fig = Figure(figsize=(2.4 * len(runs), 2.4 * len(rows)))
+    axes = fig.subplots(len(rows), len(runs), squeeze=False)
+    for ax_row, (name, image, label, masks, photo) in zip(axes, rows):
+        window = tuple(np.percentile(image, [0.5, 99.5]))
+        for ax, mask in zip(ax_row, masks.values()):
+            draw_overlay(ax, image, [(label > 0, "lime"), (mask > 0, "red")], window=window, photo=photo)
+        ax_row[0].set_axis_on()
+        ax_row[0].set_xticks([])
+        ax_row[0].set_yticks([])
+        ax_row[0].set_ylabel(name, fontsize=7)
+    for ax, method in zip(axes[0], runs):
+        ax.set_title(method, fontsize=9)
+    fig.suptitle(f"{bench.protocol.name}: label (green) and prediction (red), fraction {bench.fractions[0]:g}, "
+                 f"seed {bench.seeds[0]}, each run's reported checkpoint", fontsize=9)
+    path = bench.out / "overlays.png"
     _save(fig, path)
     return path

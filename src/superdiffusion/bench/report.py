@@ -24,7 +24,7 @@ from .protocols import REFERENCE, Ablation, folder_name
 COLUMNS = ("method", "fraction", "seed", "case", "predictor", "chosen", "eval_set", "labelled_cases", *METRICS,
            "wall_s", "run")
 BASELINE = "supervised"  # the lower bound every method is also compared with
-FIGURES = ("dice_vs_fraction.png", "val_curves.png", "pseudo_labels.png", "qualitative.png")
+FIGURES = ("dice_vs_fraction.png", "val_curves.png", "pseudo_labels.png", "qualitative.png", "overlays.png")
 
 
 def write_results(bench, rows: list[dict]) -> None:

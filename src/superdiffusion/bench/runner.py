@@ -1,8 +1,8 @@
 """`superdiffusion bench`: plan methods x labelled fractions x seeds under a protocol, check everything,
 train (skipping finished runs, resuming interrupted ones), evaluate, then write the tables and figures.
 
-Output folder: results.csv, summary.md, dice_vs_fraction.png, ablation_<name>.png, qualitative.png and
-runs/<method>/frac<f>/seed<s>/ (ordinary run folders; `test_eval.json` caches test-set metrics there).
+Output folder: results.csv, summary.md, dice_vs_fraction.png, ablation_<name>.png, qualitative.png, overlays.png
+and runs/<method>/frac<f>/seed<s>/ (ordinary run folders; `test_eval.json` caches test-set metrics there).
 """
 
 from __future__ import annotations

@@ -284,13 +284,20 @@ def preview_views(image: np.ndarray, mask: np.ndarray, spacing: tuple[float, ...
     if image.ndim == 2:
         return [(image, mask, float(spacing[1]) / float(spacing[0]))]
     views = []
-    for axis in range(3):
+    for axis, k in largest_sections(mask):
         rest = [d for d in range(3) if d != axis]
-        area = (mask > 0).sum(axis=tuple(rest))
-        k = int(area.argmax()) if area.any() else image.shape[axis] // 2
         views.append((np.take(image, k, axis=axis), np.take(mask, k, axis=axis),
                       float(spacing[rest[1]]) / float(spacing[rest[0]])))
     return views
+
+
+def largest_sections(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(axis, index) of a volume's slice with the most foreground along each axis (the middle one where empty)."""
+    out = []
+    for axis in range(3):
+        area = (mask > 0).sum(axis=tuple(d for d in range(3) if d != axis))
+        out.append((axis, int(area.argmax()) if area.any() else mask.shape[axis] // 2))
+    return out
 
 
 def write_preview(case: Case, mask: np.ndarray, path: Path) -> Path:
