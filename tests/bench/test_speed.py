@@ -8,6 +8,7 @@ import pytest
 
 from superdiffusion.bench.speed import TRAIN_ROWS, _Runner, format_report, run_benchmark
 from superdiffusion.cli.main import main
+from superdiffusion.errors import InputError
 
 TINY = {"train2d": [16, 16], "batch2d": [2, 1], "train3d": [8, 8, 8], "batch3d": [1, 1], "window2d": [16, 16],
         "window3d": [8, 8, 8], "volume2d": [24, 20, 4], "volume3d": [12, 10, 8]}
@@ -75,3 +76,14 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert existing.read_text() == "{}"
+
+
+def test_only_the_named_rows():
+    """--rows: the named training rows alone (the 3D supervised step beside plain MONAI's, as la3d's speed check),
+    no inference unless named; an unknown name is refused before anything is measured."""
+    result = run_benchmark(dims="3", sizes=TINY, overrides=SETS, repeats=1, warmup=0, isolate=False, threads=1,
+                           only=["supervised"])
+    assert [r["row"] for r in result["rows"]] == ["supervised"]
+    assert [r["row"] for r in result["plain_unet"]] == ["supervised (la3d-superdiffusion)", "plain MONAI UNet"]
+    with pytest.raises(InputError, match="--rows"):
+        run_benchmark(dims="3", sizes=TINY, overrides=SETS, isolate=False, only=["superdiffusion"])

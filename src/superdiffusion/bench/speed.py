@@ -350,9 +350,10 @@ class _Runner:
 def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str = "quick", repeats: int | None = None,
                   warmup: int | None = None, reference_step: bool = False, switches: Sequence[str] = (),
                   overrides: Sequence[str] = (), sizes: dict | None = None, isolate: bool = True,
-                  device: str | None = None, threads: int | None = None,
+                  device: str | None = None, threads: int | None = None, only: Sequence[str] | None = None,
                   log: Callable[[str], None] | None = None) -> dict:
-    """Measure every row; returns {"meta", "rows", "effects", "reference"} (format_report prints it)."""
+    """Measure every row (or `only` the named training rows, and inference if named); returns {"meta", "rows",
+    "effects", "reference"} (format_report prints it)."""
     if profile not in PROFILES:
         raise InputError(f"--profile: unknown {profile!r} ({', '.join(PROFILES)})")
     if dims not in ("2", "3", "both"):
@@ -360,6 +361,10 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
     bad = [s for s in switches if s not in SWITCHES]
     if bad:
         raise InputError(f"unknown switch {bad[0]!r} ({', '.join(SWITCHES)})")
+    known = [name for name, _, _ in TRAIN_ROWS] + ["inference"]
+    unknown = [r for r in only or () if r not in known]
+    if unknown:
+        raise InputError(f"--rows: unknown row {unknown[0]!r} ({', '.join(known)})")
     p = {**PROFILES[profile], **(sizes or {})}
     p["warmup"] = p["warmup"] if warmup is None else warmup
     p["repeats"] = p["repeats"] if repeats is None else repeats
@@ -396,7 +401,7 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
         model = (f"{configs[d]}: channels {cfg['model']['channels']}, norm {cfg['model']['norm']}"
                  + (f"; config switches {', '.join(plain)}" if plain else ""))
         for name, method, extra in TRAIN_ROWS:
-            if reference_step and name not in REFERENCE_ROWS:
+            if (reference_step and name not in REFERENCE_ROWS) or (only and name not in only):
                 continue
             log(f"{d}D train {name} ...")
             spec = {**base, "shape": shape, "method": method, "row_overrides": extra, "variant": plain}
@@ -409,7 +414,7 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
                 log(f"{d}D train {name} --{s.replace('_', '-')} ...")
                 effects.append({"dims": d, "row": name, "switch": s,
                                 **runner("train", {**spec, "variant": {**plain, s: True}})})
-        if not reference_step:
+        if not reference_step and (not only or "inference" in only):
             log(f"{d}D inference ...")
             spec = {**base, "shape": shape, "window": window, "volume": list(p[f"volume{d}d"]), "variant": plain}
             res = runner("infer", spec)
@@ -539,7 +544,8 @@ def run_from_args(args) -> int:
     result = run_benchmark(config=args.config, dims=args.dims, profile=args.profile, repeats=args.repeats,
                            warmup=args.warmup, reference_step=args.reference_step, switches=switches,
                            overrides=args.overrides, isolate=not args.in_process, device=args.device,
-                           threads=args.threads, log=lambda s: print(s, file=sys.stderr, flush=True))
+                           threads=args.threads, only=args.rows.split(",") if args.rows else None,
+                           log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

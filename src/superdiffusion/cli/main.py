@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--reference-step", action="store_true",
                     help="only the 2D supervised, pre-training and R=3 co-training steps at 128x128 8+8 (the "
                          "comparison with the reference implementation)")
+    bs.add_argument("--rows", metavar="A,B,...",
+                    help="only these training rows, as printed (e.g. supervised,fixmatch), and no inference rows "
+                         "unless `inference` is named; the plain MONAI UNet comparison always runs")
     bs.add_argument("--json", help="also write every measurement (single runs included) to this new JSON file")
     bs.add_argument("--compile", action="store_true", help="also measure with torch.compile'd U-Nets")
     bs.add_argument("--channels-last", action="store_true", help="also measure with channels-last memory format")
