@@ -144,7 +144,8 @@ DEFAULTS: dict[str, Any] = {
         # with an EMA student, what the student learns on the unlabelled images: consensus (the argmax of the teacher's
         # and the EMA's mean probabilities) | ema (the EMA's alone: the ablation of the teacher's pseudo-labels; the
         # teacher still learns, from the EMA's) | fill (the EMA's where it is confident, else the teacher's where it is)
-        # | rectified (the EMA's soft label refined by the mask pathway: rectify; the EMA's alone before rectify_after)
+        # | agree (the EMA's where the teacher's argmax agrees, no label elsewhere) | rectified (the EMA's soft label
+        # refined by the mask pathway: rectify; the EMA's alone before rectify_after)
         "student_target": "consensus",
         # rectification (DiffRect's idea): the mask pathway also learns, on the labelled images, to map the EMA's soft
         # label noised at a random t in [0, rectify] (and the image) to the true label; the EMA's labels of unlabelled

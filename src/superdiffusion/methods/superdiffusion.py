@@ -48,6 +48,14 @@ MASK_CONDITIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 IGNORE = -100  # a pseudo-label pixel that teaches nothing (cross-entropy's ignore_index)
+AGREEING = ("consensus", "fill", "agree")  # the student's targets that read the teacher's labels beside the EMA's
+
+
+def agreement(prob_ema: Tensor, prob_teacher: Tensor) -> Tensor:
+    """The EMA's probabilities where both argmaxes agree, uniform (unconfident: no label) elsewhere: the `agree`
+    target as a soft label, for the pseudo-label monitor."""
+    agree = (prob_ema.argmax(1) == prob_teacher.argmax(1)).unsqueeze(1)
+    return prob_ema.where(agree, torch.full_like(prob_ema, 1 / prob_ema.shape[1]))
 
 
 def confident_argmax(prob: Tensor, threshold: float) -> Tensor:
@@ -299,9 +307,12 @@ class CoTrain(Method):
         self.sup_loss = supervised_loss(cfg)
         if superdiffusion_fraction(sd, "ema", " (0: no EMA student)") and sd["student"] != "unet":
             raise InputError("superdiffusion.ema: needs superdiffusion.student unet (the twin takes a noised mask)")
-        target = superdiffusion_choice(sd, "student_target", ("consensus", "ema", "fill", "rectified"))
+        target = superdiffusion_choice(sd, "student_target", ("consensus", "ema", "fill", "agree", "rectified"))
         if target != "consensus" and not sd["ema"]:
             raise InputError(f"superdiffusion.student_target: {target} needs an EMA student (superdiffusion.ema > 0)")
+        if target in ("fill", "agree") and not self.uses_teacher:
+            raise InputError(f"superdiffusion.student_target: {target} reads the teacher's labels; {self.name} has "
+                             "none (use ema)")
         if target == "fill" and not sd["confidence"]:
             raise InputError("superdiffusion.student_target: fill needs superdiffusion.confidence > 0 (it fills in "
                              "the pixels where the EMA student is not confident)")
@@ -469,7 +480,7 @@ class CoTrain(Method):
 
         # the teacher's own labels, where anything reads them: the student's target (without an EMA, or unless it is
         # the EMA's alone) or the unlabelled images' rounds; `ema` without rounds reads none, so no pass is made
-        teacher_labels = self.teacher is not None and (self.ema is None or sd["student_target"] in ("consensus", "fill")
+        teacher_labels = self.teacher is not None and (self.ema is None or sd["student_target"] in AGREEING
                                                        or bool(sd["rounds"] and teach))
         rectify = bool(sd["rectify"])
         rectifying = sd["student_target"] == "rectified" and step >= sd["rectify_after"] * total_steps
@@ -486,11 +497,15 @@ class CoTrain(Method):
             else:
                 prob_s = torch.softmax((self.student_logits(x_u, generator) if view or clean else s_v).detach(), 1)
             prob_t = torch.softmax(u_t.detach(), 1) if u_t is not None else prob_s  # no teacher: its own (FixMatch)
-            if self.ema is not None and u_t is not None and sd["student_target"] != "fill":  # fill: the teacher's own
-                prob_t = (prob_t + prob_s) / 2 if sd["student_target"] == "consensus" else prob_s
+            if self.ema is not None and u_t is not None and sd["student_target"] == "consensus":
+                prob_t = (prob_t + prob_s) / 2
+            elif self.ema is not None and sd["student_target"] in ("ema", "rectified"):  # fill, agree: its own
+                prob_t = prob_s
             if rectifying:  # the EMA's labels refined by the mask pathway (before rectify_after: the EMA's alone)
                 prob_t = self.rectified(x_u, prob_s, generator)
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
+        if sd["student_target"] == "agree":  # the EMA's label where the teacher's argmax agrees, else nothing
+            pseudo_t = pseudo_s.where(prob_t.argmax(1) == pseudo_s, torch.full_like(pseudo_s, IGNORE))
         if sd["student_target"] == "fill":  # the EMA's label where it is sure, else the teacher's where it is
             pseudo_t = pseudo_s.where(pseudo_s != IGNORE, pseudo_t)
 
@@ -560,6 +575,8 @@ class CoTrain(Method):
             out["teacher"] = lambda x: torch.softmax(self.teacher_logits(x, g), 1)
             if self.ema is not None and self.cfg["superdiffusion"]["student_target"] == "consensus":
                 out["consensus"] = lambda x: (out["ema"](x) + out["teacher"](x)) / 2
+            if self.ema is not None and self.cfg["superdiffusion"]["student_target"] == "agree":
+                out["agreement"] = lambda x: agreement(out["ema"](x), out["teacher"](x))
             if self.cfg["superdiffusion"]["rectify"]:
                 out["rectified"] = lambda x: self.rectified(x, out["ema"](x), g)
         return out
