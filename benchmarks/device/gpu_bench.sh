@@ -3,13 +3,15 @@
 # Run from the repository root on the device machine, with the LA copy packed by la_transfer.py in .dev/la
 # and the wheels the image lacks in .whl (monai, nibabel, pynrrd). Writes logs and a tarball under $OUT.
 #   1. smoke: every method of the synthetic protocol trained and evaluated on CUDA (stops here on failure)
+#   1b. the la3d table (issue 44: LA in 3D at 112x112x80 on la2d's splits): LA3D_METHODS x 8, 16 labelled x seeds
+#      0-2, LA3D_JOBS runs at a time, for at most LA3D_S seconds; LA3D_FROM holds the finished runs of an earlier call
 #   2. ssl4mis: the la2d-ssl4mis protocol (the baselines as their originals train them: SSL4MIS's U-Net, SGD,
 #      30000 iterations; issue 13), 8 labelled, seeds 0-2, SSL4MIS_METHODS (default supervised,mean-teacher)
 #   3. the la2d table: the protocol's methods x 8, 16 labelled x seeds 0, 1, 2 (LA2D_ARGS adds methods)
 #   4. bench-speed on the GPU: fp32 vs bf16 autocast vs channels-last
 #   5. predict (teacher ensemble + uncertainty, DDIM) and export on a la2d run
 #   6. the la3d-full protocol for a few steps (step time -> cost of the full protocol)
-# PARTS picks some of them (default smoke,ssl4mis: the la2d table exists from CPU runs); SSL4MIS_S and LA2D_S
+# PARTS picks some of them (default smoke,la3d: the 3D table first); SSL4MIS_S and LA2D_S
 # bound those benches' seconds (SSL4MIS_STEPS shortens its runs, SSL4MIS_MORE adds methods for the time left),
 # SSL4MIS_JOBS and LA2D_JOBS their runs at a time, LA2D_ARGS adds bench options (e.g. --ablation weight),
 # LA2D_FROM / SSL4MIS_FROM (folders in the tree) hold the runs of a bench cut short to go on with.
@@ -17,7 +19,7 @@
 # by side instead of in turns (2026-12-04, six SSL4MIS-U-Net training steps at once: 330 steps/s together with it,
 # 143 without; benchmarks/device/mps_probe.py); MPS=0 leaves it off.
 set -u
-PARTS=,${PARTS:-smoke,ssl4mis},
+PARTS=,${PARTS:-smoke,la3d},
 part() { [[ $PARTS == *,$1,* ]]; }
 OUT=${OUT:-/tmp/out}; T=/tmp/work; mkdir -p "$OUT" "$T"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
@@ -41,6 +43,20 @@ $SD bench --protocol synthetic --methods supervised,fully-supervised,mean-teache
   --fractions 0.25 --seeds 0 --out $T/smoke --jobs 4 --no-progress > $OUT/smoke.log 2>&1
 rc=$?; tail -5 $OUT/smoke.log
 if [ $rc -ne 0 ]; then stamp "smoke failed ($rc)"; cat $OUT/smoke.log | tail -60; exit 1; fi
+fi
+
+L3=$T/la3d
+if part la3d; then
+stamp la3d table
+if [ -n "${LA3D_FROM:-}" ]; then cp -r "$LA3D_FROM" $L3; fi  # runs finished in an earlier device call are skipped
+la3d_args="--protocol la3d --train-data /tmp/LA --out $L3 --fractions 8,16 --seeds 0,1,2 --no-progress \
+  --methods ${LA3D_METHODS:-supervised,fully-supervised,fixmatch,superdiffusion,mean-teacher,bcp}"
+timeout -k 10 ${LA3D_S:-480} $SD bench $la3d_args --jobs ${LA3D_JOBS:-6} > $OUT/la3d.log 2>&1
+rc=$?; echo "la3d rc=$rc"; pkill -f multiprocessing.spawn; sleep 2
+tail -3 $OUT/la3d.log
+if [ $rc -ne 0 ]; then  # cut before the end: tables and figures from the finished runs
+  timeout -k 5 90 $SD bench $la3d_args --report-only > $OUT/la3d-report.log 2>&1
+fi
 fi
 
 S=$T/ssl4mis
@@ -99,13 +115,13 @@ fi
 
 stamp la3d-full
 left=$(( 560 - ($(date +%s) - t0) ))
-if part la3d && [ $left -gt 60 ]; then
+if part la3d-full && [ $left -gt 60 ]; then
   timeout -k 5 $left $SD bench --protocol la3d-full --train-data /tmp/LA --methods supervised,superdiffusion \
-    --fractions 0.1 --seeds 0 --steps 40 --set split.val=4 --set train.ckpt_every=20 --out $T/la3d --jobs 2 \
-    --no-progress > $OUT/la3d.log 2>&1; echo "la3d rc=$?"; tail -5 $OUT/la3d.log
+    --fractions 0.1 --seeds 0 --steps 40 --set split.val=4 --set train.ckpt_every=20 --out $T/la3d-full --jobs 2 \
+    --no-progress > $OUT/la3d-full.log 2>&1; echo "la3d-full rc=$?"; tail -5 $OUT/la3d-full.log
 fi
 
 stamp pack
-cd $T && tar czf $OUT/results.tar.gz --exclude='checkpoints' --exclude='tb' --exclude='*.pt' ssl4mis la2d smoke la3d \
+cd $T && tar czf $OUT/results.tar.gz --exclude='checkpoints' --exclude='tb' --exclude='*.pt' ssl4mis la2d smoke la3d la3d-full \
   2>/dev/null
 ls -la $OUT; stamp done
