@@ -4,7 +4,8 @@
 # and the wheels the image lacks in .whl (monai, nibabel, pynrrd). Writes logs and a tarball under $OUT.
 #   1. smoke: every method of the synthetic protocol trained and evaluated on CUDA (stops here on failure)
 #   1b. the la3d table (issue 44: LA in 3D at 112x112x80 on la2d's splits): LA3D_METHODS x 8, 16 labelled x seeds
-#      0-2, LA3D_JOBS runs at a time, for at most LA3D_S seconds; LA3D_FROM holds the finished runs of an earlier call
+#      0-2, LA3D_JOBS runs at a time, for at most LA3D_S seconds and until LA3D_END seconds into the call; LA3D_FROM
+#      holds the finished runs of an earlier call (the tarball keeps no checkpoints: an unfinished run starts again)
 #   2. ssl4mis: the la2d-ssl4mis protocol (the baselines as their originals train them: SSL4MIS's U-Net, SGD,
 #      30000 iterations; issue 13), 8 labelled, seeds 0-2, SSL4MIS_METHODS (default supervised,mean-teacher)
 #   3. the la2d table: the protocol's methods x 8, 16 labelled x seeds 0, 1, 2 (LA2D_ARGS adds methods)
@@ -51,7 +52,9 @@ stamp la3d table
 if [ -n "${LA3D_FROM:-}" ]; then cp -r "$LA3D_FROM" $L3; fi  # runs finished in an earlier device call are skipped
 la3d_args="--protocol la3d --train-data /tmp/LA --out $L3 --fractions 8,16 --seeds 0,1,2 --no-progress \
   --methods ${LA3D_METHODS:-supervised,fully-supervised,fixmatch,superdiffusion,mean-teacher,bcp}"
-timeout -k 10 ${LA3D_S:-480} $SD bench $la3d_args --jobs ${LA3D_JOBS:-6} > $OUT/la3d.log 2>&1
+left=$(( ${LA3D_END:-450} - ($(date +%s) - t0) ))  # room left for the report and the tarball before 600 s
+timeout -k 10 $(( left < ${LA3D_S:-450} ? left : ${LA3D_S:-450} )) $SD bench $la3d_args --jobs ${LA3D_JOBS:-6} \
+  > $OUT/la3d.log 2>&1
 rc=$?; echo "la3d rc=$rc"; pkill -f multiprocessing.spawn; sleep 2
 tail -3 $OUT/la3d.log
 if [ $rc -ne 0 ]; then  # cut before the end: tables and figures from the finished runs

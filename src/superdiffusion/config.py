@@ -87,9 +87,10 @@ DEFAULTS: dict[str, Any] = {
         "lr_schedule": "poly",  # poly | cosine | constant (after warm-up)
         "warmup": 0,  # linear warm-up steps
         "val_every": 100,  # validation period in steps (0 = only at the end)
-        # validation during training (it monitors, never selects the reported checkpoint) on the first val_cases cases
-        # of the validation split (0 = all) with this sliding-window overlap (null = eval.overlap): a cheap look for 3D
-        # runs, where a whole-volume pass at 0.5 overlap costs seconds per case; the final evaluation uses every case
+        # validation during training on the first val_cases cases of the validation split (0 = all) with this
+        # sliding-window overlap (null = eval.overlap): a cheap look for 3D runs, where a whole-volume pass at 0.5
+        # overlap costs seconds per case; the final evaluation uses every case. With eval.checkpoint best, best.pt is
+        # chosen on this subset (the protocols report the last checkpoint: there it only monitors)
         "val_cases": 0,
         "val_overlap": None,
         "ckpt_every": 100,  # checkpoint period in steps

@@ -15,6 +15,8 @@ from superdiffusion.bench.report import read_results, tables_from_rows
 from superdiffusion.cli.main import main
 from superdiffusion.data.splits import make_split
 from superdiffusion.data.synthetic import write_synthetic_dataset
+from superdiffusion.engine.run import check_config
+from superdiffusion.methods import build_method
 
 FAST = ["--set", "train.threads=1", "--no-progress"]
 COLUMNS = ["method", "fraction", "seed", "case", "predictor", "chosen", "eval_set", "labelled_cases", "dice",
@@ -212,6 +214,9 @@ def test_shipped_protocols_plan(tmp_path):
         specs = runner.plan(p, list(p.bench["methods"]), list(p.ablations.values()), [0.1, 0.2], [0], tmp_path,
                             sets={}, data={}, steps=None)
         assert {s.label for s in specs} >= set(p.bench["methods"])
+        for spec in specs:  # each method's own checks pass on every variant (no data: one image channel)
+            check_config(spec.cfg)
+            build_method(spec.cfg, in_channels=1)
     full = load_protocol("la3d-full").base
     assert full["split"]["val"] == 0 and full["eval"]["checkpoint"] == "last"
     ids = [f"case{i:02d}" for i in range(80)]

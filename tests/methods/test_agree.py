@@ -48,8 +48,12 @@ def test_agree_reaches_the_student_and_the_monitor():
     assert set(agree.pseudo_labellers()) == {"ema", "teacher", "agreement"}
 
 
-def test_agree_needs_a_teacher_and_an_ema():
+def test_agree_needs_a_teacher_an_ema_and_a_masked_loss():
     with pytest.raises(InputError, match="EMA"):
         _method("superdiffusion.ema=0")
+    with pytest.raises(InputError, match="vetoed pixels"):  # MONAI's Dice cannot leave pixels out
+        _method("superdiffusion.cps_loss=dice", "superdiffusion.confidence=0.0")
+    with pytest.raises(InputError, match="vetoed pixels"):
+        _method("superdiffusion.confidence=0.0")
     with pytest.raises(InputError, match="agree reads the teacher"):
         build_method(load_config(None, [*PATH, "method=fixmatch"]), in_channels=1)

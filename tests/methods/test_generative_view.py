@@ -51,15 +51,31 @@ def test_the_image_pathway_learns_as_a_denoiser_and_the_student_from_its_view():
     assert "gen" in logs and torch.isfinite(loss)
 
 
-def test_the_view_reaches_the_student():
-    """Same weights, same draws: the student's unlabelled term differs with the generative view on, so the option can
-    change the reported predictor; off, no denoising term is made."""
+def test_the_view_reaches_the_student(monkeypatch):
+    """Same weights: the student's unlabelled term differs with the generative view on, so the option can change the
+    reported predictor. The control makes the view's random draw and returns the image unchanged: then the term is
+    the plain one's, so the difference is the re-synthesis, not the shifted random stream. Off, no denoising term."""
     on = _method()
     off = _method("superdiffusion.generative_view=0")
     off.load_state_dict(on.state_dict())
-    a = on.losses(_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))
+    a = on.losses(_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))["cps"]
     b = off.losses(_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))
-    assert "gen" not in b and a["cps"].item() != pytest.approx(b["cps"].item())
+    assert "gen" not in b
+
+    def identity_view(self, x, prob, generator):
+        torch.randn(x.shape, generator=generator)  # the draw the re-synthesis makes
+        return x
+
+    monkeypatch.setattr(CoTrain, "resynthesised", identity_view)
+    same = on.losses(_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))["cps"]
+    # the view drawn, the image returned: the plain term but for the draws after it (photometric view, passes)
+    identity_off = _method("superdiffusion.generative_view=0")
+    identity_off.load_state_dict(on.state_dict())
+    g = torch.Generator().manual_seed(5)
+    torch.randn(_batch()["unlabelled"].shape, generator=g)
+    shifted = identity_off.losses(_batch(), step=2, total_steps=4, generator=g)["cps"]
+    assert same.item() == pytest.approx(shifted.item(), rel=1e-5)
+    assert a.item() != pytest.approx(same.item())
 
 
 def test_resynthesis_departs_from_the_image_with_the_noise_level():

@@ -272,24 +272,26 @@ def overlay_grid(bench, n_cases: int | None = None) -> Path | None:
     cases = qualitative_cases(bench, spec0, n_cases or int(bench.protocol.bench["qualitative_cases"]))
     if not cases:
         return None
-    rows = []  # (name, image, label, {method: prediction}, photo): one per picture
+    rows = []  # (name, image, label, {method: prediction}, photo, aspect): one per picture
     for case in cases:
         masks = {label: segment(run.probabilities(case)) for label, (_, run) in runs.items()}
         photo = case.spatial_dims == 2
         image = case.image if photo and len(case.image) == 3 else case.image[0]
         if photo:
-            rows.append((case.id, image, case.label, masks, True))
+            rows.append((case.id, image, case.label, masks, True, float(case.spacing[0]) / float(case.spacing[1])))
             continue
         for axis, k in largest_sections(case.label):
+            rest = [d for d in range(3) if d != axis]  # drawn in the case's spacing, as predict's previews
             rows.append((f"{case.id}\naxis {axis}, slice {k}", np.take(image, k, axis=axis),
                          np.take(case.label, k, axis=axis), {m: np.take(p, k, axis=axis) for m, p in masks.items()},
-                         False))
+                         False, float(case.spacing[rest[1]]) / float(case.spacing[rest[0]])))
     fig = Figure(figsize=(2.4 * len(runs), 2.4 * len(rows)))
     axes = fig.subplots(len(rows), len(runs), squeeze=False)
-    for ax_row, (name, image, label, masks, photo) in zip(axes, rows):
+    for ax_row, (name, image, label, masks, photo, aspect) in zip(axes, rows):
         window = tuple(np.percentile(image, [0.5, 99.5]))
         for ax, mask in zip(ax_row, masks.values()):
-            draw_overlay(ax, image, [(label > 0, "lime"), (mask > 0, "red")], window=window, photo=photo)
+            draw_overlay(ax, image, [(label > 0, "lime"), (mask > 0, "red")], window=window, aspect=aspect,
+                         photo=photo)
         ax_row[0].set_axis_on()
         ax_row[0].set_xticks([])
         ax_row[0].set_yticks([])

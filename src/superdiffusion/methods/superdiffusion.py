@@ -48,12 +48,13 @@ MASK_CONDITIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 IGNORE = -100  # a pseudo-label pixel that teaches nothing (cross-entropy's ignore_index)
-AGREEING = ("consensus", "fill", "agree")  # the student's targets that read the teacher's labels beside the EMA's
+READS_TEACHER = ("consensus", "fill", "agree")  # the student's targets that read the teacher's labels beside the EMA's
 
 
 def agreement(prob_ema: Tensor, prob_teacher: Tensor) -> Tensor:
-    """The EMA's probabilities where both argmaxes agree, uniform (unconfident: no label) elsewhere: the `agree`
-    target as a soft label, for the pseudo-label monitor."""
+    """The EMA's probabilities where both argmaxes agree, uniform elsewhere: the `agree` target as a soft label, for
+    the pseudo-label monitor (its coverage counts the vetoed pixels as unlabelled, as the confidence mask above 1/K
+    that `agree` requires makes them)."""
     agree = (prob_ema.argmax(1) == prob_teacher.argmax(1)).unsqueeze(1)
     return prob_ema.where(agree, torch.full_like(prob_ema, 1 / prob_ema.shape[1]))
 
@@ -310,6 +311,10 @@ class CoTrain(Method):
         target = superdiffusion_choice(sd, "student_target", ("consensus", "ema", "fill", "agree", "rectified"))
         if target != "consensus" and not sd["ema"]:
             raise InputError(f"superdiffusion.student_target: {target} needs an EMA student (superdiffusion.ema > 0)")
+        if target == "agree" and not (sd["cps_loss"] in masked and sd["confidence"] > 1 / self.num_classes):
+            raise InputError(f"superdiffusion.student_target: agree leaves the vetoed pixels out; needs "
+                             f"superdiffusion.cps_loss {' or '.join(masked)} and confidence > 1/K "
+                             f"({1 / self.num_classes:.2f})")
         if target in ("fill", "agree") and not self.uses_teacher:
             raise InputError(f"superdiffusion.student_target: {target} reads the teacher's labels; {self.name} has "
                              "none (use ema)")
@@ -480,17 +485,19 @@ class CoTrain(Method):
 
         # the teacher's own labels, where anything reads them: the student's target (without an EMA, or unless it is
         # the EMA's alone) or the unlabelled images' rounds; `ema` without rounds reads none, so no pass is made
-        teacher_labels = self.teacher is not None and (self.ema is None or sd["student_target"] in AGREEING
+        teacher_labels = self.teacher is not None and (self.ema is None or sd["student_target"] in READS_TEACHER
                                                        or bool(sd["rounds"] and teach))
         rectify = bool(sd["rectify"])
         rectifying = sd["student_target"] == "rectified" and step >= sd["rectify_after"] * total_steps
         with torch.no_grad(), evaluating(*labellers) if clean else nullcontext():  # they learn nothing here
             u_t = (self.teacher_logits(x_u, generator) if view or clean or not teach else t_v) if teacher_labels \
                 else None
-            if self.ema is not None and rectify and teach:  # the rectifier learns from the EMA's labelled labels too
+            if self.ema is not None and rectify and teach and prob_early is not None:  # the view's labels, kept
+                prob_el, prob_s = torch.softmax(forward_batch_stats(self.ema, x_l), 1), prob_early
+            elif self.ema is not None and rectify and teach:  # the rectifier learns from the EMA's labelled labels too
                 prob_el, prob_s = torch.softmax(forward_batch_stats(self.ema, torch.cat([x_l, x_u])), 1).split(
                     [len(x_l), len(x_u)])
-            elif prob_early is not None:  # made for the generative view
+            elif prob_early is not None:  # made for the generative view: the same labels it was drawn from
                 prob_s = prob_early
             elif self.ema is not None:  # the EMA student pseudo-labels; the student learns the pathways' consensus
                 prob_s = torch.softmax(forward_batch_stats(self.ema, x_u), 1)
@@ -499,7 +506,7 @@ class CoTrain(Method):
             prob_t = torch.softmax(u_t.detach(), 1) if u_t is not None else prob_s  # no teacher: its own (FixMatch)
             if self.ema is not None and u_t is not None and sd["student_target"] == "consensus":
                 prob_t = (prob_t + prob_s) / 2
-            elif self.ema is not None and sd["student_target"] in ("ema", "rectified"):  # fill, agree: its own
+            elif self.ema is not None and sd["student_target"] in ("ema", "rectified"):  # fill, agree: the teacher's
                 prob_t = prob_s
             if rectifying:  # the EMA's labels refined by the mask pathway (before rectify_after: the EMA's alone)
                 prob_t = self.rectified(x_u, prob_s, generator)
