@@ -109,3 +109,30 @@ def la_cfg(la_root):
 def la_sets():
     """la_sets(root, *extra) -> the `key=value` list of la_overrides, for `--set` on the command line."""
     return la_overrides
+
+
+# ---- CoTrain unit tests (tests/methods/test_rectify.py, test_agree.py, test_generative_view.py) -------------------
+def cotrain_method(path: list[str], *overrides: str):
+    """A seeded CoTrain on 32x32 one-channel images, two classes, from `key=value` settings."""
+    from superdiffusion.methods.superdiffusion import CoTrain
+
+    torch.manual_seed(0)
+    return CoTrain(load_config(None, [*path, "method=cotrain", *overrides]), dims=2, in_channels=1, num_classes=2)
+
+
+def cotrain_batch() -> dict[str, torch.Tensor]:
+    """Two labelled and four unlabelled random 32x32 images, the same every call."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 1, 32, 32, generator=g) * 2 - 1
+    return {"image": x[:2], "label": (x[:2, 0] > 0.3).long(), "unlabelled": x[2:]}
+
+
+def reached_by(m, term: torch.Tensor) -> set[str]:
+    """Which of the teacher's pathways and the student a loss term's gradient reaches."""
+    groups = {"mask_net": m.teacher.mask_net, "image_net": m.teacher.image_net, "student": m.student}
+    reached = set()
+    for name, net in groups.items():
+        grads = torch.autograd.grad(term, list(net.parameters()), retain_graph=True, allow_unused=True)
+        if any(g is not None and g.abs().sum() > 0 for g in grads):
+            reached.add(name)
+    return reached

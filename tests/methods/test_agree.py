@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cotrain_batch, cotrain_method
 
 from superdiffusion.config import load_config
 from superdiffusion.errors import InputError
@@ -18,14 +19,9 @@ PATH = ["model.channels=[4, 8]", "train.patch=[32, 32]", "model.norm=instance", 
 
 
 def _method(*overrides: str) -> CoTrain:
-    torch.manual_seed(0)
-    return CoTrain(load_config(None, [*PATH, "method=cotrain", *overrides]), dims=2, in_channels=1, num_classes=2)
+    return cotrain_method(PATH, *overrides)
 
 
-def _batch():
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(6, 1, 32, 32, generator=g) * 2 - 1
-    return {"image": x[:2], "label": (x[:2, 0] > 0.3).long(), "unlabelled": x[2:]}
 
 
 def test_agreement_keeps_the_emas_label_where_both_argmaxes_agree():
@@ -42,8 +38,8 @@ def test_agree_reaches_the_student_and_the_monitor():
     argmax vetoes pixels), so the option can change the reported predictor; the monitor scores the agreed labels."""
     agree, ema = _method(), _method("superdiffusion.student_target=ema")
     ema.load_state_dict(agree.state_dict())
-    a = agree.losses(_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))
-    b = ema.losses(_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))
+    a = agree.losses(cotrain_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))
+    b = ema.losses(cotrain_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))
     assert a["cps"].item() != pytest.approx(b["cps"].item())
     assert set(agree.pseudo_labellers()) == {"ema", "teacher", "agreement"}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cotrain_batch, cotrain_method, reached_by
 
 from superdiffusion.config import load_config
 from superdiffusion.errors import InputError
@@ -19,35 +20,22 @@ PATH = ["model.channels=[4, 8]", "train.patch=[32, 32]", "model.norm=instance", 
 
 
 def _method(*overrides: str) -> CoTrain:
-    torch.manual_seed(0)
-    return CoTrain(load_config(None, [*PATH, "method=cotrain", *overrides]), dims=2, in_channels=1, num_classes=2)
+    return cotrain_method(PATH, *overrides)
 
 
-def _batch():
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(6, 1, 32, 32, generator=g) * 2 - 1
-    return {"image": x[:2], "label": (x[:2, 0] > 0.3).long(), "unlabelled": x[2:]}
 
 
-def _reach(m: CoTrain, term: torch.Tensor) -> set[str]:
-    groups = {"mask_net": m.teacher.mask_net, "image_net": m.teacher.image_net, "student": m.student}
-    reached = set()
-    for name, net in groups.items():
-        grads = torch.autograd.grad(term, list(net.parameters()), retain_graph=True, allow_unused=True)
-        if any(g is not None and g.abs().sum() > 0 for g in grads):
-            reached.add(name)
-    return reached
 
 
 def test_the_image_pathway_learns_as_a_denoiser_and_the_student_from_its_view():
     m = _method()
     m.train()
-    terms = m.losses(_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
+    terms = m.losses(cotrain_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
     assert set(terms) == {"sup", "cps", "gen"}
-    assert _reach(m, terms["gen"]) == {"image_net"}  # the denoising term: the image pathway alone
-    assert "student" in _reach(m, terms["cps"])  # the view is made without a graph: it teaches, it does not learn
-    assert "image_net" not in _reach(m, terms["cps"])
-    loss, logs = m.training_step(_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
+    assert reached_by(m, terms["gen"]) == {"image_net"}  # the denoising term: the image pathway alone
+    assert "student" in reached_by(m, terms["cps"])  # the view is made without a graph: it teaches, it does not learn
+    assert "image_net" not in reached_by(m, terms["cps"])
+    loss, logs = m.training_step(cotrain_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
     assert "gen" in logs and torch.isfinite(loss)
 
 
@@ -58,8 +46,8 @@ def test_the_view_reaches_the_student(monkeypatch):
     on = _method()
     off = _method("superdiffusion.generative_view=0")
     off.load_state_dict(on.state_dict())
-    a = on.losses(_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))["cps"]
-    b = off.losses(_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))
+    a = on.losses(cotrain_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))["cps"]
+    b = off.losses(cotrain_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))
     assert "gen" not in b
 
     def identity_view(self, x, prob, generator):
@@ -67,13 +55,13 @@ def test_the_view_reaches_the_student(monkeypatch):
         return x
 
     monkeypatch.setattr(CoTrain, "resynthesised", identity_view)
-    same = on.losses(_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))["cps"]
+    same = on.losses(cotrain_batch(), step=2, total_steps=4, generator=torch.Generator().manual_seed(5))["cps"]
     # the view drawn, the image returned: the plain term but for the draws after it (photometric view, passes)
     identity_off = _method("superdiffusion.generative_view=0")
     identity_off.load_state_dict(on.state_dict())
     g = torch.Generator().manual_seed(5)
-    torch.randn(_batch()["unlabelled"].shape, generator=g)
-    shifted = identity_off.losses(_batch(), step=2, total_steps=4, generator=g)["cps"]
+    torch.randn(cotrain_batch()["unlabelled"].shape, generator=g)
+    shifted = identity_off.losses(cotrain_batch(), step=2, total_steps=4, generator=g)["cps"]
     assert same.item() == pytest.approx(shifted.item(), rel=1e-5)
     assert a.item() != pytest.approx(same.item())
 
@@ -82,7 +70,7 @@ def test_resynthesis_departs_from_the_image_with_the_noise_level():
     """SDEdit's dial: from a low noise level the re-synthesis stays near the image, from a high one it departs."""
     m = _method()
     m.eval()
-    x = _batch()["unlabelled"]
+    x = cotrain_batch()["unlabelled"]
     prob = torch.softmax(torch.randn(4, 2, 32, 32, generator=torch.Generator().manual_seed(2)), 1)
     gaps = []
     for t in (10, 300, 900):
@@ -98,7 +86,7 @@ def test_trained_on_its_term_the_image_pathway_denoises_better():
     m = _method("model.channels=[8, 16]")
     opt = torch.optim.Adam(m.teacher.image_net.parameters(), lr=3e-3)
     m.train()
-    batch = _batch()
+    batch = cotrain_batch()
     values = []
     for step in range(60):
         terms = m.losses(batch, step=step, total_steps=60, generator=torch.Generator().manual_seed(step))

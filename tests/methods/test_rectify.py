@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cotrain_batch, cotrain_method, reached_by
 
-from superdiffusion.config import load_config
 from superdiffusion.errors import InputError
 from superdiffusion.methods.superdiffusion import CoTrain
 
@@ -18,42 +18,29 @@ PATH = ["model.channels=[4, 8]", "train.patch=[32, 32]", "model.norm=instance", 
 
 
 def _method(*overrides: str) -> CoTrain:
-    torch.manual_seed(0)
-    return CoTrain(load_config(None, [*PATH, "method=cotrain", *overrides]), dims=2, in_channels=1, num_classes=2)
+    return cotrain_method(PATH, *overrides)
 
 
-def _batch():
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(6, 1, 32, 32, generator=g) * 2 - 1
-    return {"image": x[:2], "label": (x[:2, 0] > 0.3).long(), "unlabelled": x[2:]}
 
 
-def _reach(m: CoTrain, term: torch.Tensor) -> set[str]:
-    groups = {"mask_net": m.teacher.mask_net, "image_net": m.teacher.image_net, "student": m.student}
-    reached = set()
-    for name, net in groups.items():
-        grads = torch.autograd.grad(term, list(net.parameters()), retain_graph=True, allow_unused=True)
-        if any(g is not None and g.abs().sum() > 0 for g in grads):
-            reached.add(name)
-    return reached
 
 
 def test_rectifier_term_trains_the_mask_pathway_alone():
     m = _method()
     m.train()
-    terms = m.losses(_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
+    terms = m.losses(cotrain_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
     assert set(terms) == {"sup", "cps", "rect"}
-    assert _reach(m, terms["rect"]) == {"mask_net"}
-    loss, logs = m.training_step(_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
+    assert reached_by(m, terms["rect"]) == {"mask_net"}
+    loss, logs = m.training_step(cotrain_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
     assert "rect" in logs
     off = _method("superdiffusion.rectify=0", "superdiffusion.student_target=ema")
-    assert "rect" not in off.losses(_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
+    assert "rect" not in off.losses(cotrain_batch(), step=0, total_steps=4, generator=torch.Generator().manual_seed(1))
 
 
 def test_student_learns_the_ema_labels_before_the_warm_up_and_the_rectified_ones_after():
     m = _method("model.dropout=0.0")
     m.train()
-    batch = _batch()
+    batch = cotrain_batch()
     early = m.losses(batch, step=1, total_steps=4, generator=torch.Generator().manual_seed(5))  # 1 < 0.5 * 4
     ema = _method("model.dropout=0.0", "superdiffusion.student_target=ema")
     ema.load_state_dict(m.state_dict())
