@@ -11,17 +11,21 @@ import numpy as np
 import pytest
 
 from superdiffusion.bench.protocols import load_protocol
+from superdiffusion.config import load_config
 from superdiffusion.data.pipeline import case_listing, load_cases, prepare_case
 
 DATA = Path(os.environ.get("SUPERDIFFUSION_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
-def _data_cfg(protocol: str, name: str) -> dict:
+def _root(name: str) -> Path:
     root = DATA / name
     if not (root / "train.list").is_file():
         pytest.skip(f"{root} is absent (the real {name} set is not part of the repository)")
-    cfg = load_protocol(protocol).base["data"]
-    return {**cfg, "root": str(root)}
+    return root
+
+
+def _data_cfg(protocol: str, name: str) -> dict:
+    return {**load_protocol(protocol).base["data"], "root": str(_root(name))}
 
 
 def test_la_cases_as_la2d_and_la3d_read_them():
@@ -38,12 +42,8 @@ def test_la_cases_as_la2d_and_la3d_read_them():
 
 
 def test_ph2_cases_are_rgb_with_lesion_masks():
-    from superdiffusion.config import load_config
-
-    cfg = {**load_config(None)["data"], "format": "ph2", "root": str(DATA / "PH2"), "list": "train.list",
+    cfg = {**load_config(None)["data"], "format": "ph2", "root": str(_root("PH2")), "list": "train.list",
            "size": [128, 128]}
-    if not (DATA / "PH2" / "train.list").is_file():
-        pytest.skip(f"{DATA / 'PH2'} is absent (the real PH2 set is not part of the repository)")
     ids, unlabelled = case_listing(cfg)
     assert len(ids) == 150 and not unlabelled
     for case in load_cases(cfg, ids[:2]):

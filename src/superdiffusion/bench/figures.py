@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from ..data.case import Case
 from ..data.pipeline import load_cases
 from ..errors import InputError
-from ..evaluation.evaluate import draw_overlay, largest_sections
+from ..evaluation.evaluate import draw_overlay, largest_sections, preview_views
 from ..evaluation.inference import predict_probabilities, segment
 from ..evaluation.predict import load_run
 from ..runlog import log_entries
@@ -280,11 +280,11 @@ def overlay_grid(bench, n_cases: int | None = None) -> Path | None:
         if photo:
             rows.append((case.id, image, case.label, masks, True, float(case.spacing[0]) / float(case.spacing[1])))
             continue
-        for axis, k in largest_sections(case.label):
-            rest = [d for d in range(3) if d != axis]  # drawn in the case's spacing, as predict's previews
-            rows.append((f"{case.id}\naxis {axis}, slice {k}", np.take(image, k, axis=axis),
-                         np.take(case.label, k, axis=axis), {m: np.take(p, k, axis=axis) for m, p in masks.items()},
-                         False, float(case.spacing[rest[1]]) / float(case.spacing[rest[0]])))
+        # predict's preview slices (the label's largest sections, in the case's spacing); the masks cut alike
+        for (axis, k), (view, label, aspect) in zip(largest_sections(case.label),
+                                                    preview_views(image, case.label, case.spacing), strict=True):
+            rows.append((f"{case.id}\naxis {axis}, slice {k}", view, label,
+                         {m: np.take(p, k, axis=axis) for m, p in masks.items()}, False, aspect))
     fig = Figure(figsize=(2.4 * len(runs), 2.4 * len(rows)))
     axes = fig.subplots(len(rows), len(runs), squeeze=False)
     for ax_row, (name, image, label, masks, photo, aspect) in zip(axes, rows):

@@ -268,8 +268,8 @@ def plain_unet_rows(spec: dict) -> list[dict]:
     from ..engine.trainer import build_optimizer
     from ..methods import build_method
 
-    device, variant, dims = torch.device(spec["device"]), spec["variant"], spec.get("dims", 2)
-    shape, batch_size = tuple(spec.get("shape") or PLAIN_SHAPE), int(spec.get("batch_size") or PLAIN_BATCH)
+    device, variant, dims = torch.device(spec["device"]), spec["variant"], spec["dims"]
+    shape, batch_size = tuple(spec["shape"]), int(spec["batch_size"])
     cfg = load_config(spec["config"], [*spec["overrides"], "method=supervised", f"train.patch={list(shape)}",
                                        f"train.batch_size={batch_size}"])
     torch.manual_seed(0)
@@ -386,9 +386,10 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
     runner = _Runner(isolate and dev == "cpu")
     log = log or (lambda s: None)
     rows: list[dict] = []
+    cfgs: dict[int, dict] = {}  # each dimensionality's config, for the training and the plain-UNet rows
     effects: list[dict] = []
     for d in wanted:
-        cfg = load_config(configs[d], list(overrides))
+        cfg = cfgs[d] = load_config(configs[d], list(overrides))
         shape = list(p[f"train{d}d"] or cfg["train"]["patch"])
         window = list(p[f"window{d}d"] or cfg["train"]["patch"])
         base = {"config": configs[d], "overrides": list(overrides), "device": dev, "threads": threads,
@@ -427,7 +428,7 @@ def run_benchmark(*, config: str | None = None, dims: str = "both", profile: str
                     effects.append({"dims": d, "switch": s, **r})
     plain_rows = []
     for d in wanted:
-        cfg_d = load_config(configs[d], list(overrides))
+        cfg_d = cfgs[d]
         # 2D at 96x96 batch 16 (the brief's yardstick); 3D at the training rows' patch and labelled batch
         shape, batch_size = (PLAIN_SHAPE, PLAIN_BATCH) if d == 2 else \
             (list(p["train3d"] or cfg_d["train"]["patch"]), p["batch3d"][0])
@@ -512,7 +513,7 @@ def format_report(result: dict) -> str:
         lines += ["", "supervised training beside a plain MONAI UNet, same process (median of at least 5 steps):",
                   f"{'dims':<5}{'row':<44}{'size':<24}{'params':>10}{'img/s':>10}{'s/step':>9}"]
         for r in result["plain_unet"]:
-            head = f"{r.get('dims', 2):<5}{r['row']:<44}"
+            head = f"{r['dims']:<5}{r['row']:<44}"
             lines.append(head + f"error: {r['error']}" if "error" in r else
                          head + f"{r['size']:<24}{r['params']:>10}{r['rate']:>10.1f}{r['seconds']:>9.3f}")
     ref = result["reference"]

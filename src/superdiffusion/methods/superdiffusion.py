@@ -52,9 +52,9 @@ READS_TEACHER = ("consensus", "fill", "agree")  # the student's targets that rea
 
 
 def agreement(prob_ema: Tensor, prob_teacher: Tensor) -> Tensor:
-    """The EMA's probabilities where both argmaxes agree, uniform elsewhere: the `agree` target as a soft label, for
-    the pseudo-label monitor (its coverage counts the vetoed pixels as unlabelled, as the confidence mask above 1/K
-    that `agree` requires makes them)."""
+    """The EMA's probabilities where both argmaxes agree, uniform elsewhere: the `agree` target as a soft label, which
+    the student learns through the confidence mask (above 1/K, as `agree` requires, so the vetoed pixels teach
+    nothing) and the pseudo-label monitor scores as it is."""
     agree = (prob_ema.argmax(1) == prob_teacher.argmax(1)).unsqueeze(1)
     return prob_ema.where(agree, torch.full_like(prob_ema, 1 / prob_ema.shape[1]))
 
@@ -506,13 +506,13 @@ class CoTrain(Method):
             prob_t = torch.softmax(u_t.detach(), 1) if u_t is not None else prob_s  # no teacher: its own (FixMatch)
             if self.ema is not None and u_t is not None and sd["student_target"] == "consensus":
                 prob_t = (prob_t + prob_s) / 2
-            elif self.ema is not None and sd["student_target"] in ("ema", "rectified"):  # fill, agree: the teacher's
+            elif self.ema is not None and sd["student_target"] == "agree":  # the EMA's where the teacher agrees
+                prob_t = agreement(prob_s, prob_t)  # elsewhere uniform: below the confidence mask, no label
+            elif self.ema is not None and sd["student_target"] in ("ema", "rectified"):  # fill: the teacher's
                 prob_t = prob_s
             if rectifying:  # the EMA's labels refined by the mask pathway (before rectify_after: the EMA's alone)
                 prob_t = self.rectified(x_u, prob_s, generator)
         pseudo_t, pseudo_s = confident_argmax(prob_t, sd["confidence"]), confident_argmax(prob_s, sd["confidence"])
-        if sd["student_target"] == "agree":  # the EMA's label where the teacher's argmax agrees, else nothing
-            pseudo_t = pseudo_s.where(prob_t.argmax(1) == pseudo_s, torch.full_like(pseudo_s, IGNORE))
         if sd["student_target"] == "fill":  # the EMA's label where it is sure, else the teacher's where it is
             pseudo_t = pseudo_s.where(pseudo_s != IGNORE, pseudo_t)
 
